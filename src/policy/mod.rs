@@ -1,0 +1,333 @@
+//! The policy language: from a directory of YAML files to a checked [`PolicySet`].
+//!
+//! Loading runs in phases, each collecting every problem it finds rather than
+//! stopping at the first:
+//!
+//! 1. [`load`]: YAML text to JSON with the source span of every node;
+//! 2. [`schema`]: the JSON Schema (`schemas/policy.schema.json`), per file;
+//! 3. [`model`]: typed values, merged into one set (a name defined twice is an error);
+//! 4. [`semantic`]: meaning across files (references, budgets, templates, env).
+//!
+//! A [`PolicySet`] exists only when no phase found an error.
+
+pub mod diagnostic;
+pub mod effective;
+pub mod load;
+pub mod model;
+pub mod schema;
+pub mod semantic;
+pub mod template;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use diagnostic::{Code, Diagnostic, Severity, SourceLookup, Span, Summary};
+use load::Document;
+use model::{Defaults, Duration, HealthPolicy, Operation, PolicyFile, Upstream};
+
+/// A checked policy set: every file of a directory merged, with every
+/// reference resolved and every rule holding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySet {
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Timeout classes by name.
+    pub timeouts: BTreeMap<String, Duration>,
+    /// Settings merged under every operation.
+    pub defaults: Defaults,
+    /// Health thresholds.
+    pub health: HealthPolicy,
+    /// Operations by name.
+    pub operations: BTreeMap<String, Operation>,
+    /// Where each named thing was defined.
+    pub origins: Origins,
+}
+
+/// Where a named thing of a policy set was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file, as given to the loader.
+    pub file: String,
+    /// The position of its name.
+    pub span: Option<Span>,
+}
+
+/// Definition sites of a policy set's names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins {
+    /// Upstreams.
+    pub upstreams: BTreeMap<String, Origin>,
+    /// Timeout classes.
+    pub timeouts: BTreeMap<String, Origin>,
+    /// Operations.
+    pub operations: BTreeMap<String, Origin>,
+    /// The `defaults` section, if any.
+    pub defaults: Option<Origin>,
+    /// The `health` section, if any.
+    pub health: Option<Origin>,
+}
+
+/// One policy file's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// The path as given (or as found in a directory), used in diagnostics.
+    pub name: String,
+    /// The file's contents.
+    pub text: String,
+}
+
+/// The policy files of one set, in the order they are read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// The files.
+    pub files: Vec<SourceFile>,
+}
+
+impl SourceLookup for Sources {
+    fn text(&self, file: &str) -> Option<&str> {
+        self.files
+            .iter()
+            .find(|f| f.name == file)
+            .map(|f| f.text.as_str())
+    }
+}
+
+/// How an unset `${env:NAME}` without default is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnsetEnv {
+    /// A warning: `claygate validate`, where the environment is not the server's.
+    #[default]
+    Warn,
+    /// An error: `claygate serve`, which would send a broken request.
+    Error,
+    /// Not checked.
+    Ignore,
+}
+
+/// Settings of a load.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// How unset environment references are reported.
+    pub unset_env: UnsetEnv,
+}
+
+/// The result of loading a policy set: the sources read, every diagnostic,
+/// and the set itself when there was no error.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The files read.
+    pub sources: Sources,
+    /// Problems, sorted by file and position.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The checked set; `None` when any diagnostic is an error.
+    pub set: Option<PolicySet>,
+}
+
+impl Loaded {
+    /// Error and warning counts.
+    pub fn summary(&self) -> Summary {
+        Summary::of(&self.diagnostics)
+    }
+
+    /// True when the set has no errors (and, with `strict`, no warnings).
+    pub fn is_valid(&self, strict: bool) -> bool {
+        let s = self.summary();
+        s.errors == 0 && (!strict || s.warnings == 0)
+    }
+}
+
+/// Reading the files failed (not a problem of their contents).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// A path could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// Reads policy files: each path is a file, or a directory whose `*.yaml` and
+/// `*.yml` files (not recursive, dot-files skipped) are read in name order.
+pub fn read_sources(paths: &[PathBuf]) -> Result<(Sources, Vec<Diagnostic>), ReadError> {
+    let mut sources = Sources::default();
+    let mut diagnostics = Vec::new();
+    for path in paths {
+        let io_err = |source| ReadError::Io {
+            path: path.clone(),
+            source,
+        };
+        let meta = fs::metadata(path).map_err(io_err)?;
+        let files = if meta.is_dir() {
+            let found = policy_files_in(path).map_err(io_err)?;
+            if found.is_empty() {
+                diagnostics.push(
+                    Diagnostic::error(
+                        Code::NoPolicyFiles,
+                        &path.display().to_string(),
+                        None,
+                        "directory holds no policy files",
+                    )
+                    .hint("policy files end in .yaml or .yml"),
+                );
+            }
+            found
+        } else {
+            vec![path.clone()]
+        };
+        for file in files {
+            let name = file.display().to_string();
+            if sources.files.iter().any(|f| f.name == name) {
+                continue;
+            }
+            let bytes = fs::read(&file).map_err(|source| ReadError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            match String::from_utf8(bytes) {
+                Ok(text) => sources.files.push(SourceFile { name, text }),
+                Err(e) => {
+                    let at = e.utf8_error().valid_up_to();
+                    diagnostics.push(
+                        Diagnostic::error(
+                            Code::YamlSyntax,
+                            &name,
+                            None,
+                            format!("file is not UTF-8 text (invalid byte at offset {at})"),
+                        )
+                        .hint("policy files are UTF-8 YAML"),
+                    );
+                }
+            }
+        }
+    }
+    Ok((sources, diagnostics))
+}
+
+/// The `*.yaml` and `*.yml` files of a directory, dot-entries skipped, sorted.
+pub fn policy_files_in(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let is_yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if is_yaml && entry.path().is_file() {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads and checks the policy files at `paths` as one set.
+pub fn load_paths(paths: &[PathBuf], options: LoadOptions) -> Result<Loaded, ReadError> {
+    let (sources, diagnostics) = read_sources(paths)?;
+    Ok(load_sources(sources, diagnostics, options))
+}
+
+/// Checks one in-memory file as a whole set; for tests and the validate API.
+pub fn load_str(name: &str, text: &str, options: LoadOptions) -> Loaded {
+    let sources = Sources {
+        files: vec![SourceFile {
+            name: name.to_owned(),
+            text: text.to_owned(),
+        }],
+    };
+    load_sources(sources, Vec::new(), options)
+}
+
+/// A file that parsed and passed the schema.
+pub(crate) struct Parsed {
+    pub(crate) name: String,
+    pub(crate) doc: Document,
+    pub(crate) policy: PolicyFile,
+}
+
+/// Checks already-read sources as one set; `diagnostics` are problems found while reading.
+pub fn load_sources(
+    sources: Sources,
+    mut diagnostics: Vec<Diagnostic>,
+    options: LoadOptions,
+) -> Loaded {
+    let mut parsed = Vec::new();
+    let mut known = semantic::Elsewhere::default();
+    for file in &sources.files {
+        let doc = match load::parse_yaml(&file.name, &file.text) {
+            Ok(Some(doc)) => doc,
+            Ok(None) => {
+                diagnostics.push(
+                    Diagnostic::warning(Code::EmptyFile, &file.name, None, "file is empty")
+                        .hint("add `version: 1`, or remove the file"),
+                );
+                continue;
+            }
+            Err(problems) => {
+                diagnostics.extend(problems);
+                known.complete = false;
+                continue;
+            }
+        };
+        let problems = schema::check(&file.name, &doc.value, &doc.spans);
+        if !problems.is_empty() {
+            diagnostics.extend(problems);
+            known.add_names_of(&doc.value);
+            continue;
+        }
+        match serde_json::from_value::<PolicyFile>(doc.value.clone()) {
+            Ok(policy) => parsed.push(Parsed {
+                name: file.name.clone(),
+                doc,
+                policy,
+            }),
+            // The schema and the model are tested to agree; should they ever
+            // drift, the user still gets a diagnostic, never a panic.
+            Err(e) => {
+                known.add_names_of(&doc.value);
+                diagnostics.push(Diagnostic::error(
+                    Code::InvalidValue,
+                    &file.name,
+                    None,
+                    format!("policy does not read as version 1: {e}"),
+                ));
+            }
+        }
+    }
+    let (set, problems) = semantic::check(&parsed, &known, options);
+    diagnostics.extend(problems);
+    sort_diagnostics(&mut diagnostics, &sources);
+    let has_errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
+    Loaded {
+        sources,
+        set: if has_errors { None } else { set },
+        diagnostics,
+    }
+}
+
+fn sort_diagnostics(diagnostics: &mut [Diagnostic], sources: &Sources) {
+    let file_rank = |name: &str| {
+        sources
+            .files
+            .iter()
+            .position(|f| f.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    diagnostics.sort_by(|a, b| {
+        let key = |d: &Diagnostic| {
+            (
+                file_rank(&d.file),
+                d.file.clone(),
+                d.span.map_or((0, 0), |s| (s.line, s.column)),
+                d.code,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+}
