@@ -55,8 +55,6 @@ macro_rules! codes {
 }
 
 codes! {
-    /// A file or directory could not be read.
-    Io = "io-error",
     /// A file is larger than a policy file may be.
     FileTooLarge = "file-too-large",
     /// The file is not valid YAML.

@@ -157,54 +157,98 @@ fn yaml_error(file: &str, text: &str, e: &serde_saphyr::Error) -> Diagnostic {
     while let E::AliasError { error, .. } | E::WithSnippet { error, .. } = inner {
         inner = error;
     }
-    let code = match inner {
-        E::DuplicateMappingKey { .. } => Code::DuplicateKey,
-        E::MultipleDocuments { .. } => Code::MultipleDocuments,
+    let mut span = e.location().and_then(|l| span_of(text, l));
+    let (code, message, hint) = match inner {
+        E::DuplicateMappingKey { .. } => (
+            Code::DuplicateKey,
+            clean_yaml_message(&inner.to_string()),
+            Some("remove one of the two entries; YAML would keep only one of them silently"),
+        ),
+        E::MultipleDocuments { .. } => (
+            Code::MultipleDocuments,
+            "a second YAML document in one file".to_owned(),
+            Some("put each document in a file of its own: one file is one YAML document"),
+        ),
+        E::NonFiniteFloat { value, .. } => (
+            Code::UnrepresentableValue,
+            format!("`{value}` is not a finite number and cannot be used in a policy"),
+            Some("write a finite number"),
+        ),
         E::Budget { .. }
         | E::AliasReplayLimitExceeded { .. }
         | E::AliasExpansionLimitExceeded { .. }
         | E::AliasReplayStackDepthExceeded { .. }
-        | E::AliasReplayCounterOverflow { .. } => Code::YamlLimit,
-        _ => Code::YamlSyntax,
-    };
-    let span = e.location().and_then(|l| span_of(text, l));
-    let message = clean_yaml_message(&inner.to_string());
-    let d = Diagnostic::error(code, file, span, message);
-    match code {
-        Code::DuplicateKey => d.hint("remove one of the two entries; YAML keeps neither silently"),
-        Code::MultipleDocuments => {
-            d.hint("put each document in a file of its own: one file is one YAML document")
-        }
-        Code::YamlLimit => d.hint(
-            "the file expands to too many nodes or aliases; write the values out or split the file",
+        | E::AliasReplayCounterOverflow { .. } => (
+            Code::YamlLimit,
+            "the document expands past the loader's limits on nodes, aliases or nesting".to_owned(),
+            Some("an alias bomb looks like this; write the values out, or split the file"),
         ),
-        _ => d,
+        _ => {
+            let message = clean_yaml_message(&inner.to_string());
+            // The parser marks the scalar before a stray tab; point at the tab.
+            if message.contains("found a tab") {
+                if let Some(s) = span {
+                    if let Some(rel) = text.get(s.offset..).and_then(|t| t.find('\t')) {
+                        span = point_at(text, s.offset + rel);
+                    }
+                }
+            }
+            let hint = message
+                .contains("tab")
+                .then_some("YAML indents with spaces only");
+            (Code::YamlSyntax, message, hint)
+        }
+    };
+    let d = Diagnostic::error(code, file, span, message);
+    match hint {
+        Some(h) => d.hint(h),
+        None => d,
     }
 }
 
-/// Strips the parser's own "error: line N column M:" prefix and advice aimed
-/// at programmers, keeping the sentence users need.
+/// The span of the single character at byte `offset`.
+pub(crate) fn point_at(text: &str, offset: usize) -> Option<Span> {
+    let before = text.get(..offset)?;
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    Some(Span {
+        line: u32::try_from(line).ok()?,
+        column: u32::try_from(column).ok()?,
+        offset,
+        len: text[offset..].chars().next().map_or(0, char::len_utf8),
+    })
+}
+
+/// Strips the parser's own "error: line N column M:" prefix, a trailing
+/// "at line N, column M" and advice aimed at programmers, keeping the
+/// sentence users need.
 fn clean_yaml_message(raw: &str) -> String {
     let mut m = raw.trim();
     m = m.strip_prefix("error:").unwrap_or(m).trim_start();
     if let Some(rest) = m.strip_prefix("line ") {
         if let Some(i) = rest.find(": ") {
             let head = &rest[..i];
-            if head
-                .chars()
-                .all(|c| c.is_ascii_digit() || c == ' ' || c.is_ascii_alphabetic())
-            {
+            if head.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') {
                 m = &rest[i + 2..];
             }
         }
     }
-    let m = m
-        .split(", set DuplicateKeyPolicy")
-        .next()
-        .unwrap_or(m)
-        .split("; use from_str_multiple")
-        .next()
-        .unwrap_or(m);
+    for cut in [", set DuplicateKeyPolicy", "; use from_str_multiple"] {
+        if let Some(i) = m.find(cut) {
+            m = &m[..i];
+        }
+    }
+    if let Some(i) = m.rfind(" at line ") {
+        let tail = &m[i + " at line ".len()..];
+        if tail
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == ',' || c == ' ' || c.is_ascii_alphabetic())
+            && tail.contains("column")
+        {
+            m = &m[..i];
+        }
+    }
     let mut s = m.trim().to_owned();
     if let Some(first) = s.get(..1) {
         let lower = first.to_lowercase();
@@ -270,6 +314,9 @@ fn flatten(
         Node::Bool(b) => Value::Bool(b),
         Node::Int(i) => Value::from(i),
         Node::UInt(u) => Value::from(u),
+        // JSON Schema counts 2.0 as an integer; so do we, so `max_attempts: 2.0`
+        // means 2 rather than failing later in the typed model.
+        Node::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
         Node::Float(f) => match serde_json::Number::from_f64(f) {
             Some(n) => Value::Number(n),
             None => {

@@ -204,6 +204,22 @@ fn to_diagnostics(
             }
             vec![d]
         }
+        ValidationErrorKind::Type { .. } if is_duration_schema(schema, &pointer) => {
+            let found = match instance.as_ref() {
+                Value::Number(n) => n.to_string(),
+                other => json_type(other).to_owned(),
+            };
+            vec![
+                diag(
+                    Code::InvalidDuration,
+                    format!(
+                        "{name} must be a duration such as 250ms, 30s, 5m, 24h or 7d; found {}",
+                        shown(instance)
+                    ),
+                )
+                .hint(duration_hint(&found)),
+            ]
+        }
         ValidationErrorKind::Type { kind } => {
             let expected = match kind {
                 TypeKind::Single(t) => t.to_string(),
@@ -233,16 +249,18 @@ fn to_diagnostics(
             vec![d]
         }
         ValidationErrorKind::Constant { expected_value } if pointer == "/version" => {
-            vec![
-                diag(
-                    Code::UnsupportedVersion,
-                    format!(
-                        "unsupported policy language version {}; this claygate reads version {expected_value}",
-                        shown(instance)
-                    ),
+            let message = if instance.is_string() {
+                format!(
+                    "`version` must be the number {expected_value}, not the string {}",
+                    shown(instance)
                 )
-                .hint("write `version: 1`"),
-            ]
+            } else {
+                format!(
+                    "unsupported policy language version {}; this claygate reads version {expected_value}",
+                    shown(instance)
+                )
+            };
+            vec![diag(Code::UnsupportedVersion, message).hint("write `version: 1`")]
         }
         ValidationErrorKind::Enum { options } => {
             let names: Vec<String> = options
@@ -278,6 +296,17 @@ fn to_diagnostics(
                 (
                     Code::InvalidName,
                     "a name of lowercase letters, digits, `_` and `-`, starting with a letter"
+                        .to_owned(),
+                )
+            } else if pattern.starts_with("^([a-z]")
+                && instance
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(|c: char| c.is_ascii_digit()))
+            {
+                // Starts with a digit: meant as a duration, never a class name.
+                (
+                    Code::InvalidDuration,
+                    "a duration such as 250ms, 30s, 5m, 24h or 7d (or a timeout class name)"
                         .to_owned(),
                 )
             } else if pattern.starts_with("^([a-z]") {
@@ -371,11 +400,20 @@ fn to_diagnostics(
     }
 }
 
+/// True when the node at `pointer` must be a duration (its schema, or one
+/// alternative of it, has a duration pattern).
+fn is_duration_schema(schema: &Value, pointer: &str) -> bool {
+    schema_at(schema, pointer)
+        .and_then(|s| s.get("pattern"))
+        .and_then(Value::as_str)
+        .is_some_and(|p| p.ends_with("(ms|s|m|h|d)$"))
+}
+
 fn article(t: &str) -> String {
-    match t {
-        "integer" | "object" | "array" => format!("an {}", rename_type(t)),
+    match rename_type(t) {
+        "integer" => "an integer".into(),
         "null" => "null".into(),
-        other => format!("a {}", rename_type(other)),
+        other => format!("a {other}"),
     }
 }
 

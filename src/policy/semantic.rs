@@ -14,7 +14,7 @@ use super::effective::{
     EffectiveBreaker, EffectiveRetry, default_dlq_backoff, redrive_span, resolve_timeout,
 };
 use super::load::push_segment;
-use super::model::{Backoff, Operation, Priority, TimeoutRef};
+use super::model::{Backoff, BreakerPolicy, Operation, Priority, TimeoutRef};
 use super::schema::did_you_mean;
 use super::template::{EnvString, Template};
 use super::{LoadOptions, Origin, Origins, Parsed, PolicySet, UnsetEnv};
@@ -85,7 +85,7 @@ pub(crate) fn check(
     cx.timeouts_and_defaults(&set, &homes);
     for (name, op) in &set.operations {
         let home = homes.operations[name];
-        cx.operation(&set, &homes, name, op, home);
+        cx.operation(&set, name, op, home);
     }
     (Some(set), cx.out)
 }
@@ -103,6 +103,16 @@ struct Checker<'a> {
     files: &'a [Parsed],
     elsewhere: &'a Elsewhere,
     out: Vec<Diagnostic>,
+}
+
+/// The value of a string with `${env:…}` references as the server would see
+/// it now; `None` when a reference is malformed or unset (reported elsewhere),
+/// so checks of the expanded value only run on values that exist.
+fn expand_if_set(text: &str) -> Option<String> {
+    EnvString::parse(text)
+        .ok()?
+        .expand(|name| std::env::var(name).ok())
+        .ok()
 }
 
 fn ptr(parts: &[&str]) -> String {
@@ -398,13 +408,8 @@ impl Checker<'_> {
         for (name, u) in &set.upstreams {
             let file = homes.upstreams[name];
             let base = ptr(&["upstreams", name]);
-            if let Ok(env) = EnvString::parse(&u.base_url) {
-                self.url(
-                    file,
-                    &push_segment(&base, "base_url"),
-                    &env.sample(),
-                    "base_url",
-                );
+            if let Some(url) = expand_if_set(&u.base_url) {
+                self.url(file, &push_segment(&base, "base_url"), &url, "base_url");
             }
             for header in u.headers.keys() {
                 self.header_name(file, &ptr(&["upstreams", name, "headers", header]), header);
@@ -441,6 +446,9 @@ impl Checker<'_> {
     fn timeouts_and_defaults(&mut self, set: &PolicySet, homes: &Homes) {
         let mut used: BTreeSet<&str> = BTreeSet::new();
         used.insert("connect");
+        if let Some(TimeoutRef::Class(c)) = &set.defaults.timeout {
+            used.insert(c);
+        }
         for op in set.operations.values() {
             match op.timeout.as_ref().or(set.defaults.timeout.as_ref()) {
                 Some(TimeoutRef::Class(c)) => {
@@ -474,7 +482,7 @@ impl Checker<'_> {
                     file,
                     "/defaults/breaker",
                     &EffectiveBreaker::resolve(Some(b), None),
-                    true,
+                    b,
                 );
             }
             if let Some(b) = set.defaults.retry.as_ref().and_then(|r| r.backoff.as_ref()) {
@@ -535,6 +543,9 @@ impl Checker<'_> {
     }
 
     fn header_name(&mut self, file: usize, pointer: &str, name: &str) {
+        if name.contains("${") {
+            return; // reported as env-reference-not-allowed
+        }
         let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
         if name.is_empty() || !name.chars().all(tchar) {
             self.push(
@@ -549,20 +560,29 @@ impl Checker<'_> {
         }
     }
 
+    /// Checks the merged breaker `b`, judging only what `own` (the section
+    /// being checked) writes, so a value inherited from `defaults` is reported
+    /// once, where it is written.
     fn breaker_bounds(
         &mut self,
         file: usize,
         base: &str,
         b: &EffectiveBreaker,
-        written_here: bool,
+        own: &BreakerPolicy,
     ) {
-        let _ = written_here;
         if let Some(max) = b.max_reset_timeout.value {
-            if max < b.reset_timeout.value {
+            if max < b.reset_timeout.value
+                && (own.max_reset_timeout.is_some() || own.reset_timeout.is_some())
+            {
+                let field = if own.max_reset_timeout.is_some() {
+                    "max_reset_timeout"
+                } else {
+                    "reset_timeout"
+                };
                 self.error(
                     Code::BoundsOrder,
                     file,
-                    &format!("{base}/max_reset_timeout"),
+                    &format!("{base}/{field}"),
                     format!(
                         "max_reset_timeout {max} is shorter than reset_timeout {}",
                         b.reset_timeout.value
@@ -570,7 +590,7 @@ impl Checker<'_> {
                 );
             }
         }
-        if b.volume_threshold.value == 0 {
+        if own.volume_threshold == Some(0) {
             self.warn(
                 Code::VolumeThresholdZero,
                 file,
@@ -579,13 +599,28 @@ impl Checker<'_> {
             )
             .hint = Some("a threshold of at least 5-10 calls avoids opening on noise".into());
         }
+        if own.window.is_none() && own.buckets.is_none() {
+            return;
+        }
+        let field = if own.buckets.is_some() {
+            "buckets"
+        } else {
+            "window"
+        };
         let window = b.window.value.as_millis();
         let buckets = u64::from(b.buckets.value);
-        if buckets > 0 && window % buckets != 0 {
+        if buckets > window {
             self.warn(
                 Code::UnevenBuckets,
                 file,
-                &format!("{base}/buckets"),
+                &format!("{base}/{field}"),
+                format!("{buckets} buckets are more than the window's {window} milliseconds"),
+            );
+        } else if buckets > 0 && window % buckets != 0 {
+            self.warn(
+                Code::UnevenBuckets,
+                file,
+                &format!("{base}/{field}"),
                 format!(
                     "window {} does not split evenly into {buckets} buckets",
                     b.window.value
@@ -593,13 +628,6 @@ impl Checker<'_> {
             )
             .hint =
                 Some("pick a bucket count that divides the window, e.g. 10s and 10 buckets".into());
-        } else if buckets > window {
-            self.warn(
-                Code::UnevenBuckets,
-                file,
-                &format!("{base}/buckets"),
-                format!("{buckets} buckets are more than the window's {window} milliseconds"),
-            );
         }
     }
 
@@ -619,14 +647,7 @@ impl Checker<'_> {
 
     // ---- operations ----------------------------------------------------
 
-    fn operation(
-        &mut self,
-        set: &PolicySet,
-        homes: &Homes,
-        name: &str,
-        op: &Operation,
-        file: usize,
-    ) {
+    fn operation(&mut self, set: &PolicySet, name: &str, op: &Operation, file: usize) {
         let base = ptr(&["operations", name]);
         let at = |rest: &[&str]| {
             let mut p = base.clone();
@@ -852,17 +873,7 @@ impl Checker<'_> {
         // Breaker.
         if let Some(b) = &op.breaker {
             let eff = EffectiveBreaker::resolve(Some(b), set.defaults.breaker.as_ref());
-            // Only judge what this operation writes; defaults were judged once.
-            let own = EffectiveBreaker::resolve(Some(b), None);
-            let _ = own;
-            if b.max_reset_timeout.is_some()
-                || b.reset_timeout.is_some()
-                || b.volume_threshold.is_some()
-                || b.window.is_some()
-                || b.buckets.is_some()
-            {
-                self.breaker_bounds(file, &at(&["breaker"]), &eff, true);
-            }
+            self.breaker_bounds(file, &at(&["breaker"]), &eff, b);
         }
 
         // Fallback staleness.
@@ -887,11 +898,8 @@ impl Checker<'_> {
                 self.backoff_order(file, &at(&["dlq", "backoff"]), b);
             }
             if let Some(hook) = dlq.alert.as_ref().and_then(|a| a.webhook.as_ref()) {
-                if let Ok(env) = EnvString::parse(hook) {
-                    let sample = env.sample();
-                    if !sample.is_empty() {
-                        self.url(file, &at(&["dlq", "alert", "webhook"]), &sample, "webhook");
-                    }
+                if let Some(url) = expand_if_set(hook).filter(|u| !u.is_empty()) {
+                    self.url(file, &at(&["dlq", "alert", "webhook"]), &url, "webhook");
                 }
             }
             if let Some(idem) = &op.idempotency {
@@ -911,7 +919,6 @@ impl Checker<'_> {
                 }
             }
         }
-        let _ = homes;
     }
 
     /// Checks `params_schema`. Returns `None` when absent, `Some(None)` when it
@@ -934,10 +941,10 @@ impl Checker<'_> {
             );
             return Some(None);
         }
-        let props = schema.get("properties").and_then(Value::as_object)?;
-        let closed = schema.get("additionalProperties") == Some(&Value::Bool(false));
-        let _ = closed;
-        Some(Some(props.keys().cloned().collect()))
+        match schema.get("properties").and_then(Value::as_object) {
+            Some(props) => Some(Some(props.keys().cloned().collect())),
+            None => Some(None),
+        }
     }
 
     fn key_param(&mut self, file: usize, pointer: &str, key: &str, props: &BTreeSet<String>) {

@@ -240,22 +240,6 @@ impl EnvString {
         }
         Ok(out)
     }
-
-    /// The string with every reference replaced by its default, or by a
-    /// placeholder value when it has none; for checks that need a sample.
-    pub fn sample(&self) -> String {
-        let mut out = String::new();
-        for piece in &self.pieces {
-            match piece {
-                EnvPiece::Text(t) => out.push_str(t),
-                EnvPiece::Var {
-                    default: Some(d), ..
-                } => out.push_str(d),
-                EnvPiece::Var { default: None, .. } => out.push('x'),
-            }
-        }
-        out
-    }
 }
 
 impl fmt::Display for EnvString {
