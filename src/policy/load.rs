@@ -209,6 +209,7 @@ fn yaml_error(file: &str, text: &str, e: &serde_saphyr::Error) -> Diagnostic {
 /// The span of the single character at byte `offset`.
 pub(crate) fn point_at(text: &str, offset: usize) -> Option<Span> {
     let before = text.get(..offset)?;
+    let rest = text.get(offset..).unwrap_or("");
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
@@ -216,7 +217,7 @@ pub(crate) fn point_at(text: &str, offset: usize) -> Option<Span> {
         line: u32::try_from(line).ok()?,
         column: u32::try_from(column).ok()?,
         offset,
-        len: text[offset..].chars().next().map_or(0, char::len_utf8),
+        len: rest.chars().next().map_or(0, char::len_utf8),
     })
 }
 

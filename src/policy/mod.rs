@@ -192,11 +192,13 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<(Sources, Vec<Diagnostic>), Rea
                 Ok(text) => sources.files.push(SourceFile { name, text }),
                 Err(e) => {
                     let at = e.utf8_error().valid_up_to();
+                    let valid = String::from_utf8_lossy(&e.as_bytes()[..at]).into_owned();
+                    let span = load::point_at(&valid, at).map(|s| Span { len: 0, ..s });
                     diagnostics.push(
                         Diagnostic::error(
                             Code::YamlSyntax,
                             &name,
-                            None,
+                            span,
                             format!("file is not UTF-8 text (invalid byte at offset {at})"),
                         )
                         .hint("policy files are UTF-8 YAML"),
@@ -234,6 +236,16 @@ pub fn load_paths(paths: &[PathBuf], options: LoadOptions) -> Result<Loaded, Rea
 }
 
 /// Checks one in-memory file as a whole set; for tests and the validate API.
+///
+/// ```
+/// use claygate::policy::{LoadOptions, load_str};
+///
+/// let loaded = load_str("p.yaml", "version: 1\noperations:\n  x:\n    upstream: nope\n    request: { method: GET, path: /x }\n", LoadOptions::default());
+/// assert!(loaded.set.is_none());
+/// let d = &loaded.diagnostics[0];
+/// assert_eq!(d.code.as_str(), "unknown-upstream");
+/// assert_eq!(d.location(), "p.yaml:4:15");
+/// ```
 pub fn load_str(name: &str, text: &str, options: LoadOptions) -> Loaded {
     let sources = Sources {
         files: vec![SourceFile {

@@ -599,6 +599,14 @@ impl Duration {
     }
 
     /// Parses `<digits><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
+    ///
+    /// ```
+    /// use claygate::policy::model::Duration;
+    ///
+    /// assert_eq!(Duration::parse("250ms").map(|d| d.as_millis()), Ok(250));
+    /// assert_eq!(Duration::parse("5m").map(|d| d.to_string()), Ok("5m".to_owned()));
+    /// assert!(Duration::parse("10 seconds").is_err());
+    /// ```
     pub fn parse(text: &str) -> Result<Duration, DurationError> {
         let fail = || DurationError(text.to_owned());
         let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(fail)?;

@@ -37,6 +37,14 @@ pub struct SyntaxError {
 
 impl Template {
     /// Parses `text`; `{{` opens a placeholder that must read `params.NAME(.NAME)*`.
+    ///
+    /// ```
+    /// use claygate::policy::template::Template;
+    ///
+    /// let t = Template::parse("/v1/tables/{{ params.table_id }}/rows").unwrap();
+    /// assert_eq!(t.params().next(), Some(&["table_id".to_owned()][..]));
+    /// assert!(Template::parse("{{ email }}").is_err());
+    /// ```
     pub fn parse(text: &str) -> Result<Template, SyntaxError> {
         let mut pieces = Vec::new();
         let mut rest = text;
