@@ -73,19 +73,28 @@ pub fn parent_pointer(pointer: &str) -> Option<&str> {
     }
 }
 
-/// Appends one escaped segment to a JSON pointer.
+/// A JSON pointer with one escaped segment appended.
 pub fn push_segment(pointer: &str, segment: &str) -> String {
     let mut out = String::with_capacity(pointer.len() + segment.len() + 1);
     out.push_str(pointer);
-    out.push('/');
+    append_segment(&mut out, segment);
+    out
+}
+
+/// Appends one escaped segment to a JSON pointer in place.
+pub fn append_segment(pointer: &mut String, segment: &str) {
+    pointer.push('/');
+    if !segment.contains(['~', '/']) {
+        pointer.push_str(segment);
+        return;
+    }
     for c in segment.chars() {
         match c {
-            '~' => out.push_str("~0"),
-            '/' => out.push_str("~1"),
-            c => out.push(c),
+            '~' => pointer.push_str("~0"),
+            '/' => pointer.push_str("~1"),
+            c => pointer.push(c),
         }
     }
-    out
 }
 
 /// A YAML document read into JSON, with positions.

@@ -293,7 +293,7 @@ pub fn load_sources(
             known.add_names_of(&doc.value);
             continue;
         }
-        match serde_json::from_value::<PolicyFile>(doc.value.clone()) {
+        match <PolicyFile as serde::Deserialize>::deserialize(&doc.value) {
             Ok(policy) => parsed.push(Parsed {
                 name: file.name.clone(),
                 doc,

@@ -13,7 +13,7 @@ use super::diagnostic::{Code, Diagnostic, Severity, Span};
 use super::effective::{
     EffectiveBreaker, EffectiveRetry, default_dlq_backoff, redrive_span, resolve_timeout,
 };
-use super::load::push_segment;
+use super::load::{append_segment, push_segment};
 use super::model::{Backoff, BreakerPolicy, Operation, Priority, TimeoutRef};
 use super::schema::did_you_mean;
 use super::template::{EnvString, Template};
@@ -79,7 +79,7 @@ pub(crate) fn check(
     };
     let (set, homes) = cx.merge();
     for (i, f) in files.iter().enumerate() {
-        cx.env_references(i, &f.doc.value, String::new(), options.unset_env);
+        cx.env_references(i, &f.doc.value, &mut String::new(), options.unset_env);
     }
     cx.upstreams(&set, &homes);
     cx.timeouts_and_defaults(&set, &homes);
@@ -299,18 +299,34 @@ impl Checker<'_> {
 
     // ---- environment references ---------------------------------------
 
-    fn env_references(&mut self, file: usize, value: &Value, pointer: String, unset: UnsetEnv) {
+    /// Walks a document for `${…}`, reusing one pointer buffer (this runs
+    /// over every node of every file, so it allocates only on a hit).
+    fn env_references(
+        &mut self,
+        file: usize,
+        value: &Value,
+        pointer: &mut String,
+        unset: UnsetEnv,
+    ) {
         match value {
-            Value::String(s) if s.contains("${") => self.env_string(file, s, &pointer, unset),
+            Value::String(s) if s.contains("${") => {
+                let here = pointer.clone();
+                self.env_string(file, s, &here, unset);
+            }
             Value::Array(items) => {
                 for (i, v) in items.iter().enumerate() {
-                    self.env_references(file, v, push_segment(&pointer, &i.to_string()), unset);
+                    let len = pointer.len();
+                    append_segment(pointer, &i.to_string());
+                    self.env_references(file, v, pointer, unset);
+                    pointer.truncate(len);
                 }
             }
             Value::Object(map) => {
                 for (k, v) in map {
+                    let len = pointer.len();
+                    append_segment(pointer, k);
                     if k.contains("${") {
-                        let child = push_segment(&pointer, k);
+                        let child = pointer.clone();
                         self.push(
                             Severity::Error,
                             Code::EnvReferenceNotAllowed,
@@ -321,7 +337,8 @@ impl Checker<'_> {
                         )
                         .hint = Some("only values expand `${env:…}`".into());
                     }
-                    self.env_references(file, v, push_segment(&pointer, k), unset);
+                    self.env_references(file, v, pointer, unset);
+                    pointer.truncate(len);
                 }
             }
             _ => {}
