@@ -1,4 +1,4 @@
-//! The command line: `claygate validate`, `claygate schema`.
+//! The command line: `claygate validate`, `claygate schema`, `claygate explain`.
 //!
 //! Exit codes are part of the interface: 0 valid, 1 invalid policies (or
 //! warnings with `--strict`), 2 usage or I/O error.
@@ -39,6 +39,31 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print the JSON Schema of policy files (draft 2020-12).
     Schema,
+    /// Show one operation's pipeline, layer by layer, with every effective
+    /// value and where it came from.
+    Explain(ExplainArgs),
+}
+
+/// Arguments of `claygate explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The operation to explain.
+    pub operation: String,
+    /// Policy files or directories.
+    #[arg(long, default_value = "policies", env = "CLAYGATE_POLICIES")]
+    pub policies: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ExplainFormat::Text)]
+    pub format: ExplainFormat,
+}
+
+/// Output formats of `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExplainFormat {
+    /// Aligned text.
+    Text,
+    /// JSON, for tools.
+    Json,
 }
 
 /// Arguments of `claygate validate`.
@@ -99,6 +124,7 @@ pub fn main() -> ExitCode {
 pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Validate(args) => validate(&args),
+        Command::Explain(args) => explain(&args),
         Command::Schema => match policy::schema::schema() {
             Ok(_) => print_or_usage(policy::schema::SCHEMA_TEXT),
             Err(e) => {
@@ -163,6 +189,42 @@ fn validate(args: &ValidateArgs) -> u8 {
         }
     }
     if valid { EXIT_OK } else { EXIT_INVALID }
+}
+
+fn explain(args: &ExplainArgs) -> u8 {
+    let loaded = match policy::load_paths(&args.policies, LoadOptions::default()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("claygate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let Some(set) = &loaded.set else {
+        let mut out = StandardStream::stdout(ColorChoice::Never);
+        let _ = render_human(&mut out, &loaded.sources, &loaded.diagnostics);
+        eprintln!("claygate: the policies are invalid; run `claygate validate` for details");
+        return EXIT_INVALID;
+    };
+    let Some(explanation) = crate::explain::explain(set, &args.operation) else {
+        let known: Vec<&str> = set.operations.keys().map(String::as_str).collect();
+        eprintln!(
+            "claygate: unknown operation `{}`; the policies define: {}",
+            args.operation,
+            known.join(", ")
+        );
+        return EXIT_USAGE;
+    };
+    let text = match args.format {
+        ExplainFormat::Text => crate::explain::render_text(&explanation),
+        ExplainFormat::Json => match serde_json::to_string_pretty(&explanation) {
+            Ok(json) => json + "\n",
+            Err(e) => {
+                eprintln!("claygate: {e}");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    print_or_usage(&text)
 }
 
 fn plural(n: usize, word: &str) -> String {

@@ -5,4 +5,7 @@
 //! pipeline per operation, and serves an admin API.
 
 pub mod cli;
+pub mod compile;
+pub mod explain;
+pub mod pipeline;
 pub mod policy;

@@ -238,3 +238,80 @@ fn readme_documents_every_diagnostic_code() {
         );
     }
 }
+
+#[test]
+fn explain_shows_each_layer_with_its_source() {
+    let policies = repo().join("policies");
+    let out = run(&[
+        "explain",
+        "lookup_company",
+        "--policies",
+        policies.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("operation lookup_company  ("), "{text}");
+    for needle in [
+        "max_attempts 2",
+        "[operation]",
+        "[defaults]",
+        "[built-in]",
+        "class 8 slots, queue 100, queue_timeout 1s",
+        "attempt 800ms",
+        "connect 2s",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // Header values (secrets) are never shown, only names.
+    assert!(!text.contains("demo-key"), "{text}");
+
+    let json = run(&[
+        "explain",
+        "push_row",
+        "--format",
+        "json",
+        "--policies",
+        policies.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(json.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    let layers: Vec<&str> = doc["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l["layer"].as_str())
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            "idempotency",
+            "fallback",
+            "deadline",
+            "retry",
+            "breaker",
+            "bulkhead",
+            "rate_limit",
+            "timeout",
+            "http",
+            "dlq"
+        ]
+    );
+}
+
+#[test]
+fn explain_names_the_known_operations_when_asked_for_another() {
+    let policies = repo().join("policies");
+    let out = run(&[
+        "explain",
+        "enrich_persn",
+        "--policies",
+        policies.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown operation `enrich_persn`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("enrich_person"));
+}

@@ -49,6 +49,8 @@ pub struct Upstream {
     pub priorities: BTreeMap<Priority, PriorityClass>,
     /// Cap on concurrent calls across all classes; freed slots go to the highest waiting priority.
     pub max_concurrency: Option<u32>,
+    /// Largest response body accepted, in bytes; 8 MiB unless said.
+    pub max_response_bytes: Option<u64>,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.

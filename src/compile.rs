@@ -1,0 +1,384 @@
+//! `PolicySet` -> `Compiled`: one executable [`Pipeline`] per operation.
+//!
+//! Compiling resolves what validation only checked: defaults are merged,
+//! templates parsed once, `${env:…}` references expanded (an unset variable
+//! without default is an error naming the variable, never a value), and one
+//! HTTP client, bulkhead and rate limiter is built per upstream.
+//!
+//! Live state carries over from the previous generation wherever that part
+//! of the policy is unchanged, which is what lets hot reload swap pipelines
+//! without resetting breakers or dropping bulkhead permits:
+//!
+//! | state | carried over when |
+//! | --- | --- |
+//! | breaker (window, state) | the operation's effective breaker is equal |
+//! | retry budget | window, buckets and budget percent are equal |
+//! | bulkhead | always (limits are updated in place; held permits stay honoured) |
+//! | rate limiter (tokens, quota gate) | the upstream's `rate_limit` is equal |
+//! | HTTP client (connection pool) | base URL, headers, connect timeout and body limit are equal |
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::pipeline::breaker::{Breaker, BreakerConfig};
+use crate::pipeline::bulkhead::{Bulkhead, BulkheadConfig};
+use crate::pipeline::compose::{Pipeline, UpstreamRuntime};
+use crate::pipeline::http::{CompiledRequest, HttpConfig, ReqwestTransport, Transport};
+use crate::pipeline::rate_limit::{RateLimitConfig, RateLimiter};
+use crate::pipeline::retry::{RetryBudget, RetryConfig};
+use crate::policy::PolicySet;
+use crate::policy::effective::{EffectiveBreaker, EffectiveRetry};
+use crate::policy::model::{Priority, Upstream};
+use crate::policy::template::EnvString;
+
+/// Largest response body when an upstream does not say (8 MiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Header that forwards idempotency keys when the policy does not name one.
+pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+
+/// Every operation's pipeline and every upstream's shared parts.
+pub struct Compiled {
+    /// The policy set this was compiled from.
+    pub set: Arc<PolicySet>,
+    /// Pipelines by operation name.
+    pub operations: BTreeMap<String, Arc<Pipeline>>,
+    /// Upstream runtimes by name.
+    pub upstreams: BTreeMap<String, Arc<UpstreamRuntime>>,
+    /// What was carried over from the previous generation, by operation.
+    pub carried: BTreeMap<String, CarriedOver>,
+}
+
+/// Which live state of an operation came from the previous generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CarriedOver {
+    /// The breaker (its window and state).
+    pub breaker: bool,
+    /// The retry budget's window.
+    pub retry_budget: bool,
+    /// The upstream's bulkhead (always, when the upstream existed before).
+    pub bulkhead: bool,
+    /// The upstream's rate limiter.
+    pub rate_limiter: bool,
+    /// The upstream's HTTP client and its pooled connections.
+    pub http_client: bool,
+}
+
+/// Why a policy set cannot be compiled (it passed validation, but the
+/// environment or the machine cannot supply what it needs).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    /// An `${env:NAME}` without default whose variable is unset.
+    #[error("{place}: environment variable `{variable}` is not set and has no default")]
+    UnsetVariable {
+        /// Where it is used, e.g. `upstream clay, header Authorization`.
+        place: String,
+        /// The variable's name.
+        variable: String,
+    },
+    /// A value that is invalid once expanded.
+    #[error("{place}: {reason}")]
+    Invalid {
+        /// Where.
+        place: String,
+        /// What is wrong (never the value of a secret).
+        reason: String,
+    },
+}
+
+/// Looks up an environment variable.
+pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Builds the transport of an upstream from its HTTP settings.
+pub type TransportFactory = Box<dyn Fn(&HttpConfig) -> Arc<dyn Transport> + Send + Sync>;
+
+/// Where compile gets what lies outside the policy files.
+pub struct CompileOptions {
+    /// Looks up environment variables.
+    pub env: EnvLookup,
+    /// Builds an upstream's transport; `None` uses reqwest. Tests and
+    /// benchmarks answer in memory through this.
+    pub transport: Option<TransportFactory>,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            env: Box::new(|name| std::env::var(name).ok()),
+            transport: None,
+        }
+    }
+}
+
+/// Compiles with the process environment and real HTTP clients.
+pub fn compile(
+    set: &PolicySet,
+    previous: Option<&Compiled>,
+) -> Result<Compiled, Vec<CompileError>> {
+    compile_with(set, previous, &CompileOptions::default())
+}
+
+/// Compiles `set`, carrying live state over from `previous` where unchanged.
+pub fn compile_with(
+    set: &PolicySet,
+    previous: Option<&Compiled>,
+    options: &CompileOptions,
+) -> Result<Compiled, Vec<CompileError>> {
+    let mut errors = Vec::new();
+    let mut upstreams = BTreeMap::new();
+    let mut upstream_carry = BTreeMap::new();
+    // Bulkheads shared with the previous generation get their new limits
+    // only once the whole set compiled, so a failed compile changes nothing.
+    let mut pending = Vec::new();
+    for (name, upstream) in &set.upstreams {
+        let before = previous.and_then(|p| p.upstreams.get(name));
+        match build_upstream(set, name, upstream, before, options, &mut pending) {
+            Ok((runtime, carry)) => {
+                upstreams.insert(name.clone(), Arc::new(runtime));
+                upstream_carry.insert(name.clone(), carry);
+            }
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    let mut operations = BTreeMap::new();
+    let mut carried = BTreeMap::new();
+    for (name, op) in &set.operations {
+        let Some(upstream) = upstreams.get(&op.upstream) else {
+            // Validation guarantees the upstream exists; its own errors are reported above.
+            continue;
+        };
+        let place = format!("operation {name}");
+        let request = match CompiledRequest::compile(&op.request, &[]) {
+            Ok(r) => r,
+            Err(reason) => {
+                errors.push(CompileError::Invalid { place, reason });
+                continue;
+            }
+        };
+        let before = previous.and_then(|p| p.operations.get(name));
+        let breaker_config = BreakerConfig::from(&EffectiveBreaker::resolve(
+            op.breaker.as_ref(),
+            set.defaults.breaker.as_ref(),
+        ));
+        let (breaker, breaker_carried) = match before {
+            Some(b) if *b.breaker.config() == breaker_config => (Arc::clone(&b.breaker), true),
+            _ => (Arc::new(Breaker::new(breaker_config.clone())), false),
+        };
+        let retry = RetryConfig::from(&EffectiveRetry::resolve(
+            op.retry.as_ref(),
+            set.defaults.retry.as_ref(),
+        ));
+        let budget_key = (
+            breaker_config.window,
+            breaker_config.buckets,
+            retry.budget_percent,
+        );
+        let (budget, budget_carried) = match before {
+            Some(b) if budget_key_of(b) == budget_key => (Arc::clone(&b.budget), true),
+            _ => (
+                Arc::new(RetryBudget::new(budget_key.0, budget_key.1, budget_key.2)),
+                false,
+            ),
+        };
+        let idempotency_header = match &op.idempotency {
+            Some(i) => {
+                let text = i.header.as_deref().unwrap_or(DEFAULT_IDEMPOTENCY_HEADER);
+                match HeaderName::try_from(text) {
+                    Ok(h) => Some(h),
+                    Err(_) => {
+                        errors.push(CompileError::Invalid {
+                            place: format!("{place}, idempotency.header"),
+                            reason: format!("`{text}` is not a valid header name"),
+                        });
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
+        let attempt_timeout = set
+            .attempt_timeout(op)
+            .map_or(crate::policy::effective::ATTEMPT_TIMEOUT.to_std(), |d| {
+                d.to_std()
+            });
+        let pipeline = Pipeline {
+            name: name.clone(),
+            upstream: Arc::clone(upstream),
+            request,
+            priority: op
+                .priority
+                .or(set.defaults.priority)
+                .unwrap_or(Priority::Normal),
+            attempt_timeout,
+            deadline: op.deadline.map(|d| d.to_std()),
+            retry,
+            budget,
+            failure_on: breaker_failure_on(op, set),
+            breaker,
+            idempotency_header,
+        };
+        let up = upstream_carry
+            .get(&op.upstream)
+            .copied()
+            .unwrap_or_default();
+        carried.insert(
+            name.clone(),
+            CarriedOver {
+                breaker: breaker_carried,
+                retry_budget: budget_carried,
+                ..up
+            },
+        );
+        operations.insert(name.clone(), Arc::new(pipeline));
+    }
+    if errors.is_empty() {
+        for (bulkhead, config) in pending {
+            bulkhead.reconfigure(config);
+        }
+        Ok(Compiled {
+            set: Arc::new(set.clone()),
+            operations,
+            upstreams,
+            carried,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+fn budget_key_of(p: &Pipeline) -> (std::time::Duration, u32, u8) {
+    let b = p.breaker.config();
+    (b.window, b.buckets, p.retry.budget_percent)
+}
+
+fn breaker_failure_on(
+    op: &crate::policy::model::Operation,
+    set: &PolicySet,
+) -> Vec<crate::policy::model::Condition> {
+    EffectiveBreaker::resolve(op.breaker.as_ref(), set.defaults.breaker.as_ref())
+        .failure_on
+        .value
+}
+
+fn expand(text: &str, place: &str, options: &CompileOptions) -> Result<String, CompileError> {
+    let parsed = EnvString::parse(text).map_err(|e| CompileError::Invalid {
+        place: place.to_owned(),
+        reason: e.message,
+    })?;
+    parsed
+        .expand(|name| (options.env)(name))
+        .map_err(|e| CompileError::UnsetVariable {
+            place: place.to_owned(),
+            variable: e.0,
+        })
+}
+
+fn build_upstream(
+    set: &PolicySet,
+    name: &str,
+    upstream: &Upstream,
+    before: Option<&Arc<UpstreamRuntime>>,
+    options: &CompileOptions,
+    pending: &mut Vec<(Arc<Bulkhead>, BulkheadConfig)>,
+) -> Result<(UpstreamRuntime, CarriedOver), Vec<CompileError>> {
+    let mut errors = Vec::new();
+    let place = format!("upstream {name}");
+    let base_url = match expand(&upstream.base_url, &format!("{place}, base_url"), options) {
+        Ok(text) => match url::Url::parse(&text) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+            _ => {
+                errors.push(CompileError::Invalid {
+                    place: format!("{place}, base_url"),
+                    reason: "expands to something that is not an http(s) URL".into(),
+                });
+                None
+            }
+        },
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    let mut headers = HeaderMap::new();
+    for (header, value) in &upstream.headers {
+        let here = format!("{place}, header {header}");
+        match expand(value, &here, options) {
+            Ok(text) => match (
+                HeaderName::try_from(header.as_str()),
+                HeaderValue::try_from(text),
+            ) {
+                (Ok(n), Ok(mut v)) => {
+                    v.set_sensitive(true);
+                    headers.insert(n, v);
+                }
+                _ => errors.push(CompileError::Invalid {
+                    place: here,
+                    reason: "is not a valid header once expanded".into(),
+                }),
+            },
+            Err(e) => errors.push(e),
+        }
+    }
+    let Some(base_url) = base_url.filter(|_| errors.is_empty()) else {
+        return Err(errors);
+    };
+    let http = HttpConfig {
+        base_url,
+        headers,
+        connect_timeout: set.connect_timeout().to_std(),
+        max_response_bytes: upstream
+            .max_response_bytes
+            .and_then(|b| usize::try_from(b).ok())
+            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES),
+    };
+    let mut carry = CarriedOver::default();
+    let transport: Arc<dyn Transport> = match before {
+        Some(b) if b.http == http => {
+            carry.http_client = true;
+            Arc::clone(&b.transport)
+        }
+        _ => match &options.transport {
+            Some(make) => make(&http),
+            None => match ReqwestTransport::new(http.clone()) {
+                Ok(t) => Arc::new(t),
+                Err(reason) => return Err(vec![CompileError::Invalid { place, reason }]),
+            },
+        },
+    };
+    let bulkhead_config = BulkheadConfig::from(upstream);
+    let bulkhead = if bulkhead_config.classes.is_empty() {
+        None
+    } else {
+        match before.and_then(|b| b.bulkhead.as_ref()) {
+            Some(existing) => {
+                carry.bulkhead = true;
+                if existing.config() != bulkhead_config {
+                    pending.push((Arc::clone(existing), bulkhead_config));
+                }
+                Some(Arc::clone(existing))
+            }
+            None => Some(Bulkhead::new(bulkhead_config)),
+        }
+    };
+    let limiter = upstream.rate_limit.as_ref().map(|r| {
+        let config = RateLimitConfig::from(r);
+        match before.and_then(|b| b.limiter.as_ref()) {
+            Some(existing) if *existing.config() == config => {
+                carry.rate_limiter = true;
+                Arc::clone(existing)
+            }
+            _ => Arc::new(RateLimiter::new(config)),
+        }
+    });
+    Ok((
+        UpstreamRuntime {
+            name: name.to_owned(),
+            http,
+            transport,
+            bulkhead,
+            limiter,
+        },
+        carry,
+    ))
+}

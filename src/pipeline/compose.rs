@@ -1,0 +1,221 @@
+//! One operation's pipeline: the layers of this module's siblings composed
+//! in the order documented in [`super`], with the per-invoke and per-attempt
+//! tracing spans.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::breaker::{Breaker, BreakerState};
+use super::bulkhead::Bulkhead;
+use super::http::{CompiledRequest, HttpConfig, Rendered, Transport};
+use super::rate_limit::RateLimiter;
+use super::retry::{self, RetryBudget, RetryConfig};
+use super::{Failure, Reply, Verdict, timeout};
+use crate::policy::model::{Condition, Priority};
+
+/// What an upstream shares among its operations: the HTTP client, the
+/// bulkhead and the rate limiter.
+pub struct UpstreamRuntime {
+    /// The upstream's name.
+    pub name: String,
+    /// HTTP settings the transport was built with.
+    pub http: HttpConfig,
+    /// Sends the requests.
+    pub transport: Arc<dyn Transport>,
+    /// Priority classes; `None` when the upstream defines none.
+    pub bulkhead: Option<Arc<Bulkhead>>,
+    /// Token bucket and quota gate; `None` without a `rate_limit`.
+    pub limiter: Option<Arc<RateLimiter>>,
+}
+
+/// One call of an operation.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    /// The params, as JSON.
+    pub params: Value,
+    /// A priority asked by the caller, used when the upstream has that class.
+    pub priority: Option<Priority>,
+    /// The idempotency key to forward upstream, if any.
+    pub idempotency_key: Option<String>,
+}
+
+/// How a call ended, with what the API reports about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The successful reply, or why there is none.
+    pub result: Result<Reply, Failure>,
+    /// Attempts made (0 when refused before the first).
+    pub attempts: u32,
+    /// Time from the start of the call to its end.
+    pub latency: Duration,
+    /// The breaker's state when the call ended.
+    pub breaker: BreakerState,
+}
+
+/// The compiled pipeline of one operation.
+pub struct Pipeline {
+    /// The operation's name.
+    pub name: String,
+    /// The upstream it calls.
+    pub upstream: Arc<UpstreamRuntime>,
+    /// The request template.
+    pub request: CompiledRequest,
+    /// Bulkhead class unless the caller asks for another.
+    pub priority: Priority,
+    /// Bound of one attempt.
+    pub attempt_timeout: Duration,
+    /// Bound of the whole call.
+    pub deadline: Option<Duration>,
+    /// Retry settings.
+    pub retry: RetryConfig,
+    /// Retry budget, shared across reloads while unchanged.
+    pub budget: Arc<RetryBudget>,
+    /// Circuit breaker, shared across reloads while unchanged.
+    pub breaker: Arc<Breaker>,
+    /// Outcomes the breaker counts as failures.
+    pub failure_on: Vec<Condition>,
+    /// Header that forwards the idempotency key.
+    pub idempotency_header: Option<HeaderName>,
+}
+
+impl Pipeline {
+    /// Runs one call through every layer.
+    pub async fn call(&self, invocation: &Invocation) -> Outcome {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "invoke",
+            operation = %self.name,
+            outcome = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+        );
+        let attempts = AtomicU32::new(0);
+        let result = self
+            .run(invocation, started, &attempts)
+            .instrument(span.clone())
+            .await;
+        let attempts = attempts.load(Ordering::Relaxed);
+        span.record("outcome", result.as_ref().err().map_or("ok", Failure::code));
+        span.record("attempts", attempts);
+        Outcome {
+            result,
+            attempts,
+            latency: started.elapsed(),
+            breaker: self.breaker.state(),
+        }
+    }
+
+    async fn run(
+        &self,
+        invocation: &Invocation,
+        started: Instant,
+        attempts: &AtomicU32,
+    ) -> Result<Reply, Failure> {
+        let rendered = self.request.render(&invocation.params)?;
+        let extra = self.extra_headers(invocation);
+        let deadline = self.deadline.and_then(|d| started.checked_add(d));
+        let priority = self.priority_for(invocation.priority);
+        let attempts_loop = retry::run(&self.retry, &self.budget, deadline, |n| {
+            attempts.store(n, Ordering::Relaxed);
+            self.attempt(n, &rendered, &extra, priority, deadline)
+        });
+        let (result, _) = timeout::deadline(deadline, async { Ok(attempts_loop.await) }).await?;
+        result
+    }
+
+    /// The caller's priority when the upstream has that class, else the operation's.
+    pub fn priority_for(&self, asked: Option<Priority>) -> Priority {
+        match (asked, &self.upstream.bulkhead) {
+            (Some(p), Some(b)) if b.has_class(p) => p,
+            _ => self.priority,
+        }
+    }
+
+    fn extra_headers(&self, invocation: &Invocation) -> HeaderMap {
+        let mut extra = HeaderMap::new();
+        if let (Some(name), Some(key)) = (&self.idempotency_header, &invocation.idempotency_key) {
+            if let Ok(value) = HeaderValue::from_str(key) {
+                extra.insert(name.clone(), value);
+            }
+        }
+        extra
+    }
+
+    /// One attempt: breaker, bulkhead, rate limit, attempt timeout, HTTP.
+    async fn attempt(
+        &self,
+        n: u32,
+        rendered: &Rendered,
+        extra: &HeaderMap,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, Failure> {
+        let span = tracing::debug_span!("attempt", attempt = n, outcome = tracing::field::Empty);
+        let result = self
+            .attempt_inner(rendered, extra, priority, deadline)
+            .instrument(span.clone())
+            .await;
+        span.record("outcome", result.as_ref().err().map_or("ok", Failure::code));
+        result
+    }
+
+    async fn attempt_inner(
+        &self,
+        rendered: &Rendered,
+        extra: &HeaderMap,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, Failure> {
+        // A refusal by any layer below drops this permit unrecorded: refusals never count.
+        let permit = self.breaker.try_acquire()?;
+        let _slot = match &self.upstream.bulkhead {
+            Some(bulkhead) => Some(bulkhead.acquire(priority).await?),
+            None => None,
+        };
+        if let Some(limiter) = &self.upstream.limiter {
+            let max_wait = timeout::remaining(deadline).unwrap_or(self.attempt_timeout);
+            limiter.acquire(priority, max_wait).await?;
+        }
+        let sent = Instant::now();
+        let result = timeout::attempt(
+            self.attempt_timeout,
+            deadline,
+            self.upstream.transport.send(rendered, extra),
+        )
+        .await
+        .and_then(classify);
+        let latency = sent.elapsed();
+        match &result {
+            Ok(_) => permit.record(Verdict::Success, latency),
+            // Cut by our own deadline: says nothing about the upstream.
+            Err(Failure::DeadlineExceeded) => drop(permit),
+            Err(f) if f.matches_any(&self.failure_on) => permit.record(Verdict::Failure, latency),
+            Err(_) => permit.record(Verdict::Success, latency),
+        }
+        if let (Err(f @ Failure::Status(reply)), Some(limiter)) = (&result, &self.upstream.limiter)
+        {
+            if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
+                if let Some(wait) = retry::hint(f, SystemTime::now()) {
+                    if let Some(until) = Instant::now().checked_add(wait) {
+                        limiter.close_until(until);
+                    }
+                }
+            }
+        }
+        result
+    }
+}
+
+/// A 2xx reply is a success; any other status is a failure carrying the reply.
+fn classify(reply: Reply) -> Result<Reply, Failure> {
+    if reply.status.is_success() {
+        Ok(reply)
+    } else {
+        Err(Failure::Status(Box::new(reply)))
+    }
+}
