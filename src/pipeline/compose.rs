@@ -95,8 +95,9 @@ impl Pipeline {
             attempts = tracing::field::Empty,
         );
         let attempts = AtomicU32::new(0);
-        let result = self
-            .run(invocation, started, &attempts)
+        // Boxed once here: the layers' futures nest deeply, and moving the
+        // whole state machine through each wrapper showed up as memmove.
+        let result = Box::pin(self.run(invocation, started, &attempts))
             .instrument(span.clone())
             .await;
         let attempts = attempts.load(Ordering::Relaxed);
@@ -156,8 +157,7 @@ impl Pipeline {
         deadline: Option<Instant>,
     ) -> Result<Reply, Failure> {
         let span = tracing::debug_span!("attempt", attempt = n, outcome = tracing::field::Empty);
-        let result = self
-            .attempt_inner(rendered, extra, priority, deadline)
+        let result = Box::pin(self.attempt_inner(rendered, extra, priority, deadline))
             .instrument(span.clone())
             .await;
         span.record("outcome", result.as_ref().err().map_or("ok", Failure::code));
@@ -182,7 +182,8 @@ impl Pipeline {
             limiter.acquire(priority, max_wait).await?;
         }
         let sent = Instant::now();
-        let result = timeout::attempt(
+        let result = timeout::attempt_from(
+            sent,
             self.attempt_timeout,
             deadline,
             self.upstream.transport.send(rendered, extra),

@@ -23,7 +23,21 @@ pub async fn attempt<T, F>(
 where
     F: Future<Output = Result<T, Failure>>,
 {
-    let own = Instant::now().checked_add(limit);
+    attempt_from(Instant::now(), limit, deadline, inner).await
+}
+
+/// [`attempt`] for an attempt that started at `start`, which saves a clock
+/// read on the hot path when the caller already has the time.
+pub async fn attempt_from<T, F>(
+    start: Instant,
+    limit: Duration,
+    deadline: Option<Instant>,
+    inner: F,
+) -> Result<T, Failure>
+where
+    F: Future<Output = Result<T, Failure>>,
+{
+    let own = start.checked_add(limit);
     let (until, deadline_binds) = match (own, deadline) {
         (Some(own), Some(d)) if d <= own => (d, true),
         (Some(own), _) => (own, false),
