@@ -14,7 +14,7 @@
 //! | breaker (window, state) | the operation's effective breaker is equal |
 //! | retry budget | window, buckets and budget percent are equal |
 //! | bulkhead | always (limits are updated in place; held permits stay honoured) |
-//! | rate limiter (tokens, quota gate) | the upstream's `rate_limit` is equal |
+//! | rate limiter (tokens, quota gate) | the upstream's `rate_limit` is equal (an upstream without one gets an unlimited limiter, for its quota gate) |
 //! | HTTP client (connection pool) | base URL, headers, connect timeout and body limit are equal |
 
 use std::collections::BTreeMap;
@@ -144,12 +144,38 @@ pub fn compile_with(
     let mut operations = BTreeMap::new();
     let mut carried = BTreeMap::new();
     for (name, op) in &set.operations {
+        let place = format!("operation {name}");
+        // Operation headers may hold `${env:…}` (secrets) as well as `{{ params }}`.
+        let mut template = op.request.clone();
+        let mut header_errors = Vec::new();
+        for (header, value) in &mut template.headers {
+            match expand(value, &format!("{place}, header {header}"), options) {
+                Ok(expanded) => *value = expanded,
+                Err(e) => header_errors.push(e),
+            }
+        }
+        if !header_errors.is_empty() {
+            errors.append(&mut header_errors);
+            continue;
+        }
         let Some(upstream) = upstreams.get(&op.upstream) else {
-            // Validation guarantees the upstream exists; its own errors are reported above.
+            if !set.upstreams.contains_key(&op.upstream) {
+                errors.push(CompileError::Invalid {
+                    place,
+                    reason: format!("unknown upstream `{}`", op.upstream),
+                });
+            }
+            // Otherwise the upstream's own errors are reported above.
             continue;
         };
-        let place = format!("operation {name}");
-        let request = match CompiledRequest::compile(&op.request, &[]) {
+        let Some(attempt_timeout) = set.attempt_timeout(op) else {
+            errors.push(CompileError::Invalid {
+                place,
+                reason: "its timeout names an unknown timeout class".into(),
+            });
+            continue;
+        };
+        let request = match CompiledRequest::compile(&template, &[]) {
             Ok(r) => r,
             Err(reason) => {
                 errors.push(CompileError::Invalid { place, reason });
@@ -161,8 +187,11 @@ pub fn compile_with(
             op.breaker.as_ref(),
             set.defaults.breaker.as_ref(),
         ));
+        // A breaker judges one upstream: moving the operation elsewhere starts afresh.
         let (breaker, breaker_carried) = match before {
-            Some(b) if *b.breaker.config() == breaker_config => (Arc::clone(&b.breaker), true),
+            Some(b) if *b.breaker.config() == breaker_config && b.upstream.name == op.upstream => {
+                (Arc::clone(&b.breaker), true)
+            }
             _ => (Arc::new(Breaker::new(breaker_config.clone())), false),
         };
         let retry = RetryConfig::from(&EffectiveRetry::resolve(
@@ -197,11 +226,7 @@ pub fn compile_with(
             }
             None => None,
         };
-        let attempt_timeout = set
-            .attempt_timeout(op)
-            .map_or(crate::policy::effective::ATTEMPT_TIMEOUT.to_std(), |d| {
-                d.to_std()
-            });
+        let attempt_timeout = attempt_timeout.to_std();
         let pipeline = Pipeline {
             name: name.clone(),
             upstream: Arc::clone(upstream),
@@ -244,6 +269,15 @@ pub fn compile_with(
         })
     } else {
         Err(errors)
+    }
+}
+
+/// A limiter that never runs out of tokens: only its quota gate acts.
+fn unlimited() -> RateLimitConfig {
+    RateLimitConfig {
+        per_second: u32::MAX,
+        burst: u32::MAX,
+        critical_reserve_percent: 0,
     }
 }
 
@@ -361,15 +395,18 @@ fn build_upstream(
             None => Some(Bulkhead::new(bulkhead_config)),
         }
     };
-    let limiter = upstream.rate_limit.as_ref().map(|r| {
-        let config = RateLimitConfig::from(r);
-        match before.and_then(|b| b.limiter.as_ref()) {
-            Some(existing) if *existing.config() == config => {
-                carry.rate_limiter = true;
-                Arc::clone(existing)
-            }
-            _ => Arc::new(RateLimiter::new(config)),
+    // Every upstream gets a limiter, unlimited without `rate_limit`, because
+    // its quota gate is what a 429 closes for all the upstream's operations.
+    let config = upstream
+        .rate_limit
+        .as_ref()
+        .map_or_else(unlimited, RateLimitConfig::from);
+    let limiter = Some(match before.and_then(|b| b.limiter.as_ref()) {
+        Some(existing) if *existing.config() == config => {
+            carry.rate_limiter = true;
+            Arc::clone(existing)
         }
+        _ => Arc::new(RateLimiter::new(config)),
     });
     Ok((
         UpstreamRuntime {

@@ -12,7 +12,6 @@ use crate::policy::effective::{
     EffectiveBreaker, EffectiveRetry, Source, Sourced, default_dlq_backoff, timeout_ref,
 };
 use crate::policy::model::{Backoff, Condition, Priority, TimeoutRef};
-use crate::policy::template::EnvString;
 
 /// One setting of a layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -295,14 +294,8 @@ pub fn explain(set: &PolicySet, name: &str) -> Option<Explanation> {
         ],
     });
 
-    let base = EnvString::parse(&upstream.base_url).ok();
-    let shown_base = match &base {
-        Some(b) if b.has_references() => match b.expand(|n| std::env::var(n).ok()) {
-            Ok(v) => format!("{v}  (from {})", upstream.base_url),
-            Err(e) => format!("{}  ({e})", upstream.base_url),
-        },
-        _ => upstream.base_url.clone(),
-    };
+    // The source form only: an expanded URL may carry a key in its query.
+    let shown_base = upstream.base_url.clone();
     let mut http = vec![
         fixed(
             "request",

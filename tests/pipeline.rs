@@ -204,9 +204,14 @@ async fn refused_connections_and_resets_are_told_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_body_is_refused() {
     let fake = FakeUpstream::start().await;
-    fake.always(Behavior::LargeBody(2 * 1024 * 1024));
-    let text = set(&fake.url(), LOOKUP);
-    let mut small = text.clone();
+    fake.then([
+        Behavior::LargeBody(200, 2 * 1024 * 1024),
+        Behavior::LargeBody(502, 2 * 1024 * 1024),
+    ]);
+    let mut small = set(
+        &fake.url(),
+        &LOOKUP.replace("max_attempts: 3", "max_attempts: 1"),
+    );
     small
         .upstreams
         .get_mut("clay")
@@ -220,6 +225,18 @@ async fn an_oversized_body_is_refused() {
         out.result.as_ref().err().map(Failure::code),
         Some("body_too_large")
     );
+    // An error status stays visible (it decides retries and the breaker's
+    // verdict); its oversized body is cut at the limit instead.
+    let out = c.operations["lookup"]
+        .call(&invoke(json!({"domain": "a.com"})))
+        .await;
+    match out.result {
+        Err(Failure::Status(reply)) => {
+            assert_eq!(reply.status, 502);
+            assert_eq!(reply.body.len(), 1024 * 1024);
+        }
+        other => panic!("expected the 502, got {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,7 +259,7 @@ async fn the_breaker_opens_and_then_spares_the_upstream() {
         out.result.as_ref().err().map(Failure::code),
         Some("breaker_open")
     );
-    assert_eq!(out.attempts, 1);
+    assert_eq!(out.attempts, 0, "nothing was sent");
     assert_eq!(out.breaker.as_str(), "open");
     assert_eq!(fake.hits(), hits, "an open breaker sends nothing");
 }
@@ -272,17 +289,14 @@ async fn a_full_bulkhead_rejects_and_cancellation_leaks_nothing() {
         out.result.as_ref().err().map(Failure::code),
         Some("bulkhead_full")
     );
-    // A caller asking for `critical` gets its own class.
+    // A caller cannot raise itself to `critical` (it would take critical
+    // slots and the critical token reserve): it stays in `normal`, which is full.
     let mut critical = invoke(json!({"domain": "c.com"}));
     critical.priority = Some(claygate::policy::model::Priority::Critical);
-    let critical_call = tokio::time::timeout(
-        Duration::from_millis(200),
-        c.operations["lookup"].call(&critical),
-    )
-    .await;
-    assert!(
-        critical_call.is_err(),
-        "the critical call reached the hanging upstream"
+    let out = c.operations["lookup"].call(&critical).await;
+    assert_eq!(
+        out.result.as_ref().err().map(Failure::code),
+        Some("bulkhead_full")
     );
 
     // Cancel the holder: its slot comes back, and the breaker counted nothing.
@@ -379,4 +393,63 @@ async fn an_unset_secret_is_a_compile_error_naming_the_variable() {
         text,
         "upstream clay, header Authorization: environment variable `TEST_CLAY_KEY` is not set and has no default"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operation_headers_expand_environment_references() {
+    let fake = FakeUpstream::start().await;
+    let ops = "  get:
+    upstream: clay
+    request: { method: GET, path: /v1/x, headers: { X-Api-Key: \"${env:TEST_CLAY_KEY}\", X-Literal: \"cost $${x}\" } }
+";
+    let c = build(&set(&fake.url(), ops), None);
+    let out = c.operations["get"].call(&invoke(json!({}))).await;
+    assert!(out.result.is_ok(), "{:?}", out.result);
+    let seen = &fake.seen()[0];
+    assert_eq!(seen.headers["x-api-key"], "s3cret-key");
+    assert_eq!(seen.headers["x-literal"], "cost ${x}");
+
+    let no_env = CompileOptions {
+        env: Box::new(|_| None),
+        transport: None,
+    };
+    let s = set(&fake.url(), ops);
+    let errors = compile_with(&s, None, &no_env)
+        .err()
+        .expect("unset variables");
+    assert!(
+        errors.contains(&CompileError::UnsetVariable {
+            place: "operation get, header X-Api-Key".into(),
+            variable: "TEST_CLAY_KEY".into(),
+        }),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_closes_the_quota_gate_for_every_operation_of_the_upstream() {
+    let fake = FakeUpstream::start().await;
+    fake.then([Behavior::status(429, "quota").with_header("retry-after", "30")]);
+    let ops = format!(
+        "{}    deadline: 2s\n  other:\n    upstream: clay\n    request: {{ method: GET, path: /v1/other }}\n    deadline: 2s\n",
+        LOOKUP.replace("max_attempts: 3", "max_attempts: 1")
+    );
+    let c = build(&set(&fake.url(), &ops), None);
+    let out = c.operations["lookup"]
+        .call(&invoke(json!({"domain": "a.com"})))
+        .await;
+    assert_eq!(
+        out.result.as_ref().err().map(Failure::code),
+        Some("upstream_status")
+    );
+    // The upstream has no `rate_limit`, yet its quota gate is closed for 30s:
+    // the other operation is refused at once without reaching it.
+    let out = c.operations["other"].call(&invoke(json!({}))).await;
+    match &out.result {
+        Err(Failure::RateLimited { retry_after }) => {
+            assert!(*retry_after > Duration::from_secs(25), "{retry_after:?}")
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+    assert_eq!(fake.hits(), 1);
 }

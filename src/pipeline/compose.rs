@@ -50,7 +50,7 @@ pub struct Invocation {
 pub struct Outcome {
     /// The successful reply, or why there is none.
     pub result: Result<Reply, Failure>,
-    /// Attempts made (0 when refused before the first).
+    /// Requests sent (0 when refused before the first was sent).
     pub attempts: u32,
     /// Time from the start of the call to its end.
     pub latency: Duration,
@@ -118,46 +118,54 @@ impl Pipeline {
         attempts: &AtomicU32,
     ) -> Result<Reply, Failure> {
         let rendered = self.request.render(&invocation.params)?;
-        let extra = self.extra_headers(invocation);
+        let extra = self.extra_headers(invocation)?;
         let deadline = self.deadline.and_then(|d| started.checked_add(d));
         let priority = self.priority_for(invocation.priority);
         let attempts_loop = retry::run(&self.retry, &self.budget, deadline, |n| {
-            attempts.store(n, Ordering::Relaxed);
-            self.attempt(n, &rendered, &extra, priority, deadline)
+            self.attempt(n, attempts, &rendered, &extra, priority, deadline)
         });
         let (result, _) = timeout::deadline(deadline, async { Ok(attempts_loop.await) }).await?;
         result
     }
 
-    /// The caller's priority when the upstream has that class, else the operation's.
+    /// The class a call takes: the caller may lower its priority (a batch
+    /// caller yielding to others) but never raise it above the operation's,
+    /// or any caller could claim `critical` slots and the critical token reserve.
     pub fn priority_for(&self, asked: Option<Priority>) -> Priority {
         match (asked, &self.upstream.bulkhead) {
-            (Some(p), Some(b)) if b.has_class(p) => p,
+            // `Priority` orders highest first: a larger value is a lower class.
+            (Some(p), Some(b)) if p >= self.priority && b.has_class(p) => p,
             _ => self.priority,
         }
     }
 
-    fn extra_headers(&self, invocation: &Invocation) -> HeaderMap {
+    /// Headers added to every attempt: the idempotency key, which must be a
+    /// valid header value (else upstream deduplication would silently stop).
+    fn extra_headers(&self, invocation: &Invocation) -> Result<HeaderMap, Failure> {
         let mut extra = HeaderMap::new();
         if let (Some(name), Some(key)) = (&self.idempotency_header, &invocation.idempotency_key) {
-            if let Ok(value) = HeaderValue::from_str(key) {
-                extra.insert(name.clone(), value);
-            }
+            let value = HeaderValue::from_str(key).map_err(|_| {
+                Failure::BadParams(format!(
+                    "the idempotency key cannot be sent as header `{name}`: use visible ASCII"
+                ))
+            })?;
+            extra.insert(name.clone(), value);
         }
-        extra
+        Ok(extra)
     }
 
     /// One attempt: breaker, bulkhead, rate limit, attempt timeout, HTTP.
     async fn attempt(
         &self,
         n: u32,
+        attempts: &AtomicU32,
         rendered: &Rendered,
         extra: &HeaderMap,
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Reply, Failure> {
         let span = tracing::debug_span!("attempt", attempt = n, outcome = tracing::field::Empty);
-        let result = Box::pin(self.attempt_inner(rendered, extra, priority, deadline))
+        let result = Box::pin(self.attempt_inner(n, attempts, rendered, extra, priority, deadline))
             .instrument(span.clone())
             .await;
         span.record("outcome", result.as_ref().err().map_or("ok", Failure::code));
@@ -166,21 +174,34 @@ impl Pipeline {
 
     async fn attempt_inner(
         &self,
+        n: u32,
+        attempts: &AtomicU32,
         rendered: &Rendered,
         extra: &HeaderMap,
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<Reply, Failure> {
-        // A refusal by any layer below drops this permit unrecorded: refusals never count.
-        let permit = self.breaker.try_acquire()?;
+        // Fail fast on an open breaker before queueing anywhere; the permit
+        // itself is taken only once a slot and a token are held, so a
+        // half-open trial never waits in a queue while everyone else is refused.
+        drop(self.breaker.try_acquire()?);
         let _slot = match &self.upstream.bulkhead {
             Some(bulkhead) => Some(bulkhead.acquire(priority).await?),
             None => None,
         };
         if let Some(limiter) = &self.upstream.limiter {
-            let max_wait = timeout::remaining(deadline).unwrap_or(self.attempt_timeout);
+            let max_wait = timeout::remaining(deadline).map_or(self.attempt_timeout, |left| {
+                left.saturating_sub(MIN_SEND_TIME)
+            });
             limiter.acquire(priority, max_wait).await?;
         }
+        // A refusal from here on drops the permit unrecorded: refusals never count.
+        let permit = self.breaker.try_acquire()?;
+        if timeout::remaining(deadline).is_some_and(|left| left < MIN_SEND_TIME) {
+            // Sending now would put a request on the wire only to abandon it.
+            return Err(Failure::DeadlineExceeded);
+        }
+        attempts.store(n, Ordering::Relaxed);
         let sent = Instant::now();
         let result = timeout::attempt_from(
             sent,
@@ -193,8 +214,17 @@ impl Pipeline {
         let latency = sent.elapsed();
         match &result {
             Ok(_) => permit.record(Verdict::Success, latency),
-            // Cut by our own deadline: says nothing about the upstream.
-            Err(Failure::DeadlineExceeded) => drop(permit),
+            // The deadline cut a request in flight. Long enough in flight, that
+            // is the upstream timing out (else a hung upstream behind a tight
+            // deadline would never open the breaker); a short cut says nothing.
+            Err(Failure::DeadlineExceeded) => {
+                if latency >= self.attempt_timeout / 2
+                    && self.failure_on.contains(&Condition::Timeout)
+                {
+                    permit.record(Verdict::Failure, latency);
+                }
+            }
+            Err(f) if f.is_refusal() => drop(permit),
             Err(f) if f.matches_any(&self.failure_on) => permit.record(Verdict::Failure, latency),
             Err(_) => permit.record(Verdict::Success, latency),
         }
@@ -202,6 +232,8 @@ impl Pipeline {
         {
             if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
                 if let Some(wait) = retry::hint(f, SystemTime::now()) {
+                    // A wrong hint must not silence an upstream for a day.
+                    let wait = wait.min(MAX_QUOTA_GATE);
                     if let Some(until) = Instant::now().checked_add(wait) {
                         limiter.close_until(until);
                     }
@@ -211,6 +243,12 @@ impl Pipeline {
         result
     }
 }
+
+/// Least time worth sending a request with; less is a deadline miss.
+pub const MIN_SEND_TIME: Duration = Duration::from_millis(1);
+
+/// Longest a 429's reset hint closes the upstream's quota gate.
+pub const MAX_QUOTA_GATE: Duration = Duration::from_secs(3600);
 
 /// A 2xx reply is a success; any other status is a failure carrying the reply.
 fn classify(reply: Reply) -> Result<Reply, Failure> {

@@ -468,17 +468,26 @@ impl ReqwestTransport {
 
         let limit = self.config.max_response_bytes;
         let too_large = Failure::BodyTooLarge { limit };
+        let status = response.status();
+        // An error status must stay visible (it decides retries and the
+        // breaker's verdict), so an oversized error body is cut at the limit
+        // rather than turned into `body_too_large`.
+        let truncate = !status.is_success();
         let declared = response.content_length();
-        if declared.is_some_and(|n| n > limit as u64) {
+        if declared.is_some_and(|n| n > limit as u64) && !truncate {
             return Err(too_large);
         }
-        let status = response.status();
         let headers = std::mem::take(response.headers_mut());
         let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
         let mut body = BytesMut::with_capacity(capacity);
         // Stop at the limit: a body without Content-Length may never end.
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
             if body.len() + chunk.len() > limit {
+                if truncate {
+                    let room = limit - body.len();
+                    body.extend_from_slice(&chunk[..room]);
+                    break;
+                }
                 return Err(too_large);
             }
             body.extend_from_slice(&chunk);

@@ -155,7 +155,8 @@ impl Failure {
     /// Whether this failure is of the outcome class `condition`.
     pub fn matches(&self, condition: Condition) -> bool {
         match (condition, self) {
-            (Condition::ConnectError, Failure::Connect(_) | Failure::Transport(_)) => true,
+            (Condition::ConnectError, Failure::Connect(_)) => true,
+            (Condition::TransportError, Failure::Transport(_)) => true,
             (Condition::Timeout, Failure::AttemptTimeout { .. }) => true,
             (Condition::ServerError, Failure::Status(r)) => r.status.is_server_error(),
             (Condition::Status(code), Failure::Status(r)) => r.status.as_u16() == code,

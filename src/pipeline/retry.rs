@@ -47,6 +47,10 @@ pub const MAX_HINT: Duration = Duration::from_secs(24 * 60 * 60);
 /// number of seconds to wait (1e9 s is about 31 years; 1e9 as a time is 2001).
 const EPOCH_THRESHOLD: f64 = 1e9;
 
+/// Above this, an `x-ratelimit-reset` value is a unix time in milliseconds
+/// (1e12 ms is 2001; 1e12 s would be 31,000 years).
+const EPOCH_MILLIS_THRESHOLD: f64 = 1e12;
+
 /// Exponential back-off with jitter, ready to compute delays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackoffConfig {
@@ -361,7 +365,11 @@ fn parse_reset(value: &str, now: SystemTime) -> Option<Duration> {
     if !plain {
         return None;
     }
-    let seconds: f64 = value.parse().ok()?;
+    let mut seconds: f64 = value.parse().ok()?;
+    if seconds > EPOCH_MILLIS_THRESHOLD {
+        // Some APIs send the reset as a unix time in milliseconds.
+        seconds /= 1000.0;
+    }
     if seconds > EPOCH_THRESHOLD {
         let at = SystemTime::UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(seconds).ok()?)?;
         return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
@@ -815,5 +823,16 @@ mod tests {
         })
         .await;
         assert_eq!((attempts, seen.load(Ordering::SeqCst)), (4, 4));
+    }
+
+    #[test]
+    fn an_epoch_in_milliseconds_is_read_as_a_time() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_733_220_000);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from_static("1733220030000"),
+        );
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(30)));
     }
 }

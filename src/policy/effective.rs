@@ -83,6 +83,7 @@ pub struct EffectiveBreaker {
 pub fn default_failure_on() -> Vec<Condition> {
     vec![
         Condition::ConnectError,
+        Condition::TransportError,
         Condition::Timeout,
         Condition::ServerError,
         Condition::Status(408),
@@ -90,10 +91,14 @@ pub fn default_failure_on() -> Vec<Condition> {
     ]
 }
 
-/// The built-in outcomes worth a retry.
+/// The built-in outcomes worth a retry. A transport error (a reset pooled
+/// connection, most often) is retried like a timeout: both may have reached
+/// the upstream, which is why validation demands an idempotency key before
+/// POST or PATCH may retry at all.
 pub fn default_retry_on() -> Vec<Condition> {
     vec![
         Condition::ConnectError,
+        Condition::TransportError,
         Condition::Timeout,
         Condition::Status(429),
         Condition::Status(502),

@@ -329,8 +329,11 @@ pub struct SlowCall {
 /// An outcome class a breaker or retry policy reacts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Condition {
-    /// The connection could not be set up.
+    /// The connection could not be set up (refused, unreachable, connect timeout).
     ConnectError,
+    /// The connection broke after it was set up (reset, malformed reply); the
+    /// request may have reached the upstream.
+    TransportError,
     /// An attempt timed out.
     Timeout,
     /// Any 5xx status.
@@ -344,6 +347,7 @@ impl Condition {
     pub fn name(self) -> String {
         match self {
             Condition::ConnectError => "connect_error".into(),
+            Condition::TransportError => "transport_error".into(),
             Condition::Timeout => "timeout".into(),
             Condition::ServerError => "5xx".into(),
             Condition::Status(code) => code.to_string(),
@@ -366,6 +370,7 @@ impl<'de> Deserialize<'de> for Condition {
             ))),
             Raw::Name(name) => match name.as_str() {
                 "connect_error" => Ok(Condition::ConnectError),
+                "transport_error" => Ok(Condition::TransportError),
                 "timeout" => Ok(Condition::Timeout),
                 "5xx" => Ok(Condition::ServerError),
                 other => Err(serde::de::Error::custom(format!(

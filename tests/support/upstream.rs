@@ -26,8 +26,8 @@ pub enum Behavior {
     Hang,
     /// Start a 200 answer, then break the connection mid-body.
     ResetMidBody,
-    /// Answer 200 with a body of this many bytes, streamed in chunks.
-    LargeBody(usize),
+    /// Answer this status with a body of this many bytes, streamed in chunks.
+    LargeBody(u16, usize),
 }
 
 impl Behavior {
@@ -186,12 +186,14 @@ async fn handle(State(script): State<Arc<Mutex<Script>>>, request: Request) -> R
             ];
             Response::new(Body::from_stream(futures_util::stream::iter(chunks)))
         }
-        Behavior::LargeBody(n) => {
+        Behavior::LargeBody(status, n) => {
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
             let count = n.div_ceil(chunk.len());
             let chunks: Vec<Result<Bytes, std::io::Error>> =
                 (0..count).map(|_| Ok(chunk.clone())).collect();
-            Response::new(Body::from_stream(futures_util::stream::iter(chunks)))
+            let mut response = Response::new(Body::from_stream(futures_util::stream::iter(chunks)));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            response
         }
     }
 }
