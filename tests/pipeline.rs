@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use claygate::compile::{CompileError, CompileOptions, Compiled, compile_with};
 use claygate::pipeline::Failure;
-use claygate::pipeline::compose::Invocation;
+use claygate::pipeline::compose::{Invocation, Outcome};
 use claygate::policy::{LoadOptions, PolicySet, load_str};
 use serde_json::json;
 
@@ -64,6 +64,11 @@ const LOOKUP: &str = "  lookup:
     retry: { max_attempts: 3, backoff: { initial: 10ms, max: 20ms, jitter: none }, on: [connect_error, timeout, 503, 429] }
     breaker: { volume_threshold: 4, error_threshold_percentage: 50, reset_timeout: 30s }
 ";
+
+/// The failure code of an outcome, `None` for a success.
+fn code(out: &Outcome) -> Option<&'static str> {
+    out.result.as_ref().err().map(Failure::code)
+}
 
 fn invoke(params: serde_json::Value) -> Invocation {
     Invocation {
@@ -132,10 +137,7 @@ async fn a_retry_after_past_the_deadline_fails_at_once() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("upstream_status")
-    );
+    assert_eq!(code(&out), Some("upstream_status"));
     assert_eq!(out.attempts, 1);
     // It did not sleep 30s, nor until the deadline.
     assert!(
@@ -153,10 +155,7 @@ async fn a_hanging_upstream_times_out_per_attempt_then_hits_the_deadline() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("attempt_timeout")
-    );
+    assert_eq!(code(&out), Some("attempt_timeout"));
     assert_eq!(out.attempts, 3);
 
     let ops = LOOKUP.replace(
@@ -167,10 +166,7 @@ async fn a_hanging_upstream_times_out_per_attempt_then_hits_the_deadline() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("deadline_exceeded")
-    );
+    assert_eq!(code(&out), Some("deadline_exceeded"));
     assert_eq!(out.attempts, 2);
 }
 
@@ -183,10 +179,7 @@ async fn refused_connections_and_resets_are_told_apart() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("connect_error")
-    );
+    assert_eq!(code(&out), Some("connect_error"));
     assert_eq!(out.attempts, 3, "connect errors are retried");
 
     let fake = FakeUpstream::start().await;
@@ -195,10 +188,7 @@ async fn refused_connections_and_resets_are_told_apart() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("transport_error")
-    );
+    assert_eq!(code(&out), Some("transport_error"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,10 +211,7 @@ async fn an_oversized_body_is_refused() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("body_too_large")
-    );
+    assert_eq!(code(&out), Some("body_too_large"));
     // An error status stays visible (it decides retries and the breaker's
     // verdict); its oversized body is cut at the limit instead.
     let out = c.operations["lookup"]
@@ -248,17 +235,11 @@ async fn the_breaker_opens_and_then_spares_the_upstream() {
     let op = &c.operations["lookup"];
     for _ in 0..4 {
         let out = op.call(&invoke(json!({"domain": "a.com"}))).await;
-        assert_eq!(
-            out.result.as_ref().err().map(Failure::code),
-            Some("upstream_status")
-        );
+        assert_eq!(code(&out), Some("upstream_status"));
     }
     let hits = fake.hits();
     let out = op.call(&invoke(json!({"domain": "a.com"}))).await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("breaker_open")
-    );
+    assert_eq!(code(&out), Some("breaker_open"));
     assert_eq!(out.attempts, 0, "nothing was sent");
     assert_eq!(out.breaker.as_str(), "open");
     assert_eq!(fake.hits(), hits, "an open breaker sends nothing");
@@ -285,19 +266,13 @@ async fn a_full_bulkhead_rejects_and_cancellation_leaks_nothing() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "b.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("bulkhead_full")
-    );
+    assert_eq!(code(&out), Some("bulkhead_full"));
     // A caller cannot raise itself to `critical` (it would take critical
     // slots and the critical token reserve): it stays in `normal`, which is full.
     let mut critical = invoke(json!({"domain": "c.com"}));
     critical.priority = Some(claygate::policy::model::Priority::Critical);
     let out = c.operations["lookup"].call(&critical).await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("bulkhead_full")
-    );
+    assert_eq!(code(&out), Some("bulkhead_full"));
 
     // Cancel the holder: its slot comes back, and the breaker counted nothing.
     holder.abort();
@@ -438,10 +413,7 @@ async fn a_429_closes_the_quota_gate_for_every_operation_of_the_upstream() {
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
-    assert_eq!(
-        out.result.as_ref().err().map(Failure::code),
-        Some("upstream_status")
-    );
+    assert_eq!(code(&out), Some("upstream_status"));
     // The upstream has no `rate_limit`, yet its quota gate is closed for 30s:
     // the other operation is refused at once without reaching it.
     let out = c.operations["other"].call(&invoke(json!({}))).await;
