@@ -190,19 +190,22 @@ impl Pipeline {
             None => None,
         };
         if let Some(limiter) = &self.upstream.limiter {
-            let max_wait = timeout::remaining(deadline).map_or(self.attempt_timeout, |left| {
-                left.saturating_sub(MIN_SEND_TIME)
-            });
+            let max_wait = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .saturating_sub(MIN_SEND_TIME),
+                None => self.attempt_timeout,
+            };
             limiter.acquire(priority, max_wait).await?;
         }
         // A refusal from here on drops the permit unrecorded: refusals never count.
         let permit = self.breaker.try_acquire()?;
-        if timeout::remaining(deadline).is_some_and(|left| left < MIN_SEND_TIME) {
+        let sent = Instant::now();
+        if deadline.is_some_and(|d| d.saturating_duration_since(sent) < MIN_SEND_TIME) {
             // Sending now would put a request on the wire only to abandon it.
             return Err(Failure::DeadlineExceeded);
         }
         attempts.store(n, Ordering::Relaxed);
-        let sent = Instant::now();
         let result = timeout::attempt_from(
             sent,
             self.attempt_timeout,

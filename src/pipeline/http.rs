@@ -171,10 +171,9 @@ impl CompiledRequest {
         let body = match &self.body {
             None => None,
             Some(node) => {
-                let value = render_body(node, params)?;
-                let bytes = serde_json::to_vec(&value)
-                    .map_err(|e| format!("cannot encode the body: {e}"))?;
-                Some(Bytes::from(bytes))
+                let mut out = Vec::with_capacity(128);
+                write_body(node, params, &mut out)?;
+                Some(Bytes::from(out))
             }
         };
         Ok(Rendered {
@@ -264,24 +263,42 @@ fn compile_body(value: &Value, at: &mut String) -> Result<BodyNode, String> {
     Ok(node)
 }
 
-fn render_body(node: &BodyNode, params: &Value) -> Result<Value, String> {
-    Ok(match node {
-        BodyNode::Literal(v) => v.clone(),
-        BodyNode::Whole(path) => lookup(params, path)?.clone(),
-        BodyNode::Text(t) => Value::String(interpolate(t, params)?.into_owned()),
-        BodyNode::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|n| render_body(n, params))
-                .collect::<Result<_, _>>()?,
-        ),
-        BodyNode::Object(fields) => Value::Object(
-            fields
-                .iter()
-                .map(|(k, n)| Ok((k.clone(), render_body(n, params)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-    })
+/// Writes the body as JSON straight into `out`, without building a
+/// `Value` first (this runs on every call).
+fn write_body(node: &BodyNode, params: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+    match node {
+        BodyNode::Literal(v) => json(out, v)?,
+        BodyNode::Whole(path) => json(out, lookup(params, path)?)?,
+        BodyNode::Text(t) => json(out, &*interpolate(t, params)?)?,
+        BodyNode::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_body(item, params, out)?;
+            }
+            out.push(b']');
+        }
+        BodyNode::Object(fields) => {
+            out.push(b'{');
+            for (i, (key, item)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json(out, key.as_str())?;
+                out.push(b':');
+                write_body(item, params, out)?;
+            }
+            out.push(b'}');
+        }
+    }
+    Ok(())
+}
+
+/// Appends `value` as compact JSON.
+fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), String> {
+    serde_json::to_writer(out, value).map_err(|e| format!("cannot encode the body: {e}"))
 }
 
 /// The param at `path` below `params`, walking objects.
