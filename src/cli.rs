@@ -182,11 +182,11 @@ fn validate(args: &ValidateArgs) -> u8 {
         Format::Json => render_json(&mut io::stdout().lock(), &loaded.diagnostics, valid),
         Format::Github => render_github(&mut io::stdout().lock(), &loaded.diagnostics),
     };
-    if let Err(e) = written {
-        if e.kind() != io::ErrorKind::BrokenPipe {
-            eprintln!("claygate: cannot write output: {e}");
-            return EXIT_USAGE;
-        }
+    if let Err(e) = written
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        eprintln!("claygate: cannot write output: {e}");
+        return EXIT_USAGE;
     }
     if valid { EXIT_OK } else { EXIT_INVALID }
 }

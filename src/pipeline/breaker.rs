@@ -752,10 +752,10 @@ impl Breaker {
 
     /// A half-open without a verdict for `half_open_max_wait` opens again.
     fn expire_half_open(&self, inner: &mut Inner, now: Instant) {
-        if let Phase::HalfOpen { since, .. } = inner.phase {
-            if now.saturating_duration_since(since) >= self.config.half_open_max_wait {
-                self.reopen(inner, now, "half_open_max_wait");
-            }
+        if let Phase::HalfOpen { since, .. } = inner.phase
+            && now.saturating_duration_since(since) >= self.config.half_open_max_wait
+        {
+            self.reopen(inner, now, "half_open_max_wait");
         }
     }
 

@@ -232,15 +232,13 @@ impl Pipeline {
             Err(_) => permit.record(Verdict::Success, latency),
         }
         if let (Err(f @ Failure::Status(reply)), Some(limiter)) = (&result, &self.upstream.limiter)
+            && reply.status == http::StatusCode::TOO_MANY_REQUESTS
+            && let Some(wait) = retry::hint(f, SystemTime::now())
         {
-            if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
-                if let Some(wait) = retry::hint(f, SystemTime::now()) {
-                    // A wrong hint must not silence an upstream for a day.
-                    let wait = wait.min(MAX_QUOTA_GATE);
-                    if let Some(until) = Instant::now().checked_add(wait) {
-                        limiter.close_until(until);
-                    }
-                }
+            // A wrong hint must not silence an upstream for a day.
+            let wait = wait.min(MAX_QUOTA_GATE);
+            if let Some(until) = Instant::now().checked_add(wait) {
+                limiter.close_until(until);
             }
         }
         result

@@ -285,10 +285,10 @@ where
         }
         let unit: f64 = rand::rng().random();
         let mut wait = config.backoff.delay(n, unit);
-        if config.respect_retry_after {
-            if let Some(h) = hint(&failure, SystemTime::now()) {
-                wait = wait.max(h);
-            }
+        if config.respect_retry_after
+            && let Some(h) = hint(&failure, SystemTime::now())
+        {
+            wait = wait.max(h);
         }
         if let Some(deadline) = deadline {
             // A wait ending at the deadline leaves no time for the attempt.

@@ -195,12 +195,11 @@ fn yaml_error(file: &str, text: &str, e: &serde_saphyr::Error) -> Diagnostic {
         _ => {
             let message = clean_yaml_message(&inner.to_string());
             // The parser marks the scalar before a stray tab; point at the tab.
-            if message.contains("found a tab") {
-                if let Some(s) = span {
-                    if let Some(rel) = text.get(s.offset..).and_then(|t| t.find('\t')) {
-                        span = point_at(text, s.offset + rel);
-                    }
-                }
+            if message.contains("found a tab")
+                && let Some(s) = span
+                && let Some(rel) = text.get(s.offset..).and_then(|t| t.find('\t'))
+            {
+                span = point_at(text, s.offset + rel);
             }
             let hint = message
                 .contains("tab")
@@ -236,12 +235,12 @@ pub(crate) fn point_at(text: &str, offset: usize) -> Option<Span> {
 fn clean_yaml_message(raw: &str) -> String {
     let mut m = raw.trim();
     m = m.strip_prefix("error:").unwrap_or(m).trim_start();
-    if let Some(rest) = m.strip_prefix("line ") {
-        if let Some(i) = rest.find(": ") {
-            let head = &rest[..i];
-            if head.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') {
-                m = &rest[i + 2..];
-            }
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some(i) = rest.find(": ")
+    {
+        let head = &rest[..i];
+        if head.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') {
+            m = &rest[i + 2..];
         }
     }
     for cut in [", set DuplicateKeyPolicy", "; use from_str_multiple"] {

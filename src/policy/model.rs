@@ -646,7 +646,7 @@ impl fmt::Display for Duration {
             ("m", 60_000),
             ("s", 1_000),
         ] {
-            if ms != 0 && ms % scale == 0 {
+            if ms != 0 && ms.is_multiple_of(scale) {
                 return write!(f, "{}{unit}", ms / scale);
             }
         }

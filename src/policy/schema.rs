@@ -279,10 +279,10 @@ fn to_diagnostics(
                     shown(instance)
                 ),
             );
-            if let Some(s) = instance.as_str() {
-                if let Some(best) = did_you_mean(s, names.iter().map(String::as_str)) {
-                    d = d.hint(format!("did you mean `{best}`?"));
-                }
+            if let Some(s) = instance.as_str()
+                && let Some(best) = did_you_mean(s, names.iter().map(String::as_str))
+            {
+                d = d.hint(format!("did you mean `{best}`?"));
             }
             vec![d]
         }

@@ -215,17 +215,17 @@ impl Checker<'_> {
                         .insert(name.clone(), self.origin(i, &ptr(&["operations", name])));
                 }
             }
-            if let Some(d) = &p.defaults {
-                if self.claim_section(&mut homes.defaults, "defaults", i) {
-                    set.defaults = d.clone();
-                    set.origins.defaults = Some(self.origin(i, "/defaults"));
-                }
+            if let Some(d) = &p.defaults
+                && self.claim_section(&mut homes.defaults, "defaults", i)
+            {
+                set.defaults = d.clone();
+                set.origins.defaults = Some(self.origin(i, "/defaults"));
             }
-            if let Some(h) = &p.health {
-                if self.claim_section(&mut health_home, "health", i) {
-                    set.health = h.clone();
-                    set.origins.health = Some(self.origin(i, "/health"));
-                }
+            if let Some(h) = &p.health
+                && self.claim_section(&mut health_home, "health", i)
+            {
+                set.health = h.clone();
+                set.origins.health = Some(self.origin(i, "/health"));
             }
         }
         (set, homes)
@@ -587,25 +587,24 @@ impl Checker<'_> {
         b: &EffectiveBreaker,
         own: &BreakerPolicy,
     ) {
-        if let Some(max) = b.max_reset_timeout.value {
-            if max < b.reset_timeout.value
-                && (own.max_reset_timeout.is_some() || own.reset_timeout.is_some())
-            {
-                let field = if own.max_reset_timeout.is_some() {
-                    "max_reset_timeout"
-                } else {
-                    "reset_timeout"
-                };
-                self.error(
-                    Code::BoundsOrder,
-                    file,
-                    &format!("{base}/{field}"),
-                    format!(
-                        "max_reset_timeout {max} is shorter than reset_timeout {}",
-                        b.reset_timeout.value
-                    ),
-                );
-            }
+        if let Some(max) = b.max_reset_timeout.value
+            && max < b.reset_timeout.value
+            && (own.max_reset_timeout.is_some() || own.reset_timeout.is_some())
+        {
+            let field = if own.max_reset_timeout.is_some() {
+                "max_reset_timeout"
+            } else {
+                "reset_timeout"
+            };
+            self.error(
+                Code::BoundsOrder,
+                file,
+                &format!("{base}/{field}"),
+                format!(
+                    "max_reset_timeout {max} is shorter than reset_timeout {}",
+                    b.reset_timeout.value
+                ),
+            );
         }
         if own.volume_threshold == Some(0) {
             self.warn(
@@ -633,7 +632,7 @@ impl Checker<'_> {
                 &format!("{base}/{field}"),
                 format!("{buckets} buckets are more than the window's {window} milliseconds"),
             );
-        } else if buckets > 0 && window % buckets != 0 {
+        } else if buckets > 0 && !window.is_multiple_of(buckets) {
             self.warn(
                 Code::UnevenBuckets,
                 file,
@@ -754,9 +753,10 @@ impl Checker<'_> {
                         .into(),
                 );
             }
-            if let Some(class) = upstream.and_then(|u| u.priorities.get(&priority)) {
-                if class.queue_timeout > deadline {
-                    self.warn(
+            if let Some(class) = upstream.and_then(|u| u.priorities.get(&priority))
+                && class.queue_timeout > deadline
+            {
+                self.warn(
                         Code::QueueTimeoutExceedsDeadline,
                         file,
                         &at(&["deadline"]),
@@ -766,7 +766,6 @@ impl Checker<'_> {
                         ),
                     )
                     .hint = Some("the deadline will cut queueing short; lower queue_timeout or raise the deadline".into());
-                }
             }
         }
 
@@ -894,19 +893,19 @@ impl Checker<'_> {
         }
 
         // Fallback staleness.
-        if let Some(c) = op.fallback.as_ref().and_then(|f| f.cache.as_ref()) {
-            if !(c.fresh <= c.stale && c.stale <= c.very_stale) {
-                self.error(
-                    Code::StalenessOrder,
-                    file,
-                    &at(&["fallback", "cache"]),
-                    format!(
-                        "staleness limits out of order: fresh {}, stale {}, very_stale {}",
-                        c.fresh, c.stale, c.very_stale
-                    ),
-                )
-                .hint = Some("they must grow: fresh <= stale <= very_stale".into());
-            }
+        if let Some(c) = op.fallback.as_ref().and_then(|f| f.cache.as_ref())
+            && !(c.fresh <= c.stale && c.stale <= c.very_stale)
+        {
+            self.error(
+                Code::StalenessOrder,
+                file,
+                &at(&["fallback", "cache"]),
+                format!(
+                    "staleness limits out of order: fresh {}, stale {}, very_stale {}",
+                    c.fresh, c.stale, c.very_stale
+                ),
+            )
+            .hint = Some("they must grow: fresh <= stale <= very_stale".into());
         }
 
         // DLQ: back-off bounds, webhook, and a key that outlives redrive.
@@ -914,10 +913,10 @@ impl Checker<'_> {
             if let Some(b) = &dlq.backoff {
                 self.backoff_order(file, &at(&["dlq", "backoff"]), b);
             }
-            if let Some(hook) = dlq.alert.as_ref().and_then(|a| a.webhook.as_ref()) {
-                if let Some(url) = expand_if_set(hook).filter(|u| !u.is_empty()) {
-                    self.url(file, &at(&["dlq", "alert", "webhook"]), &url, "webhook");
-                }
+            if let Some(hook) = dlq.alert.as_ref().and_then(|a| a.webhook.as_ref())
+                && let Some(url) = expand_if_set(hook).filter(|u| !u.is_empty())
+            {
+                self.url(file, &at(&["dlq", "alert", "webhook"]), &url, "webhook");
             }
             if let Some(idem) = &op.idempotency {
                 let backoff = dlq.backoff.clone().unwrap_or_else(default_dlq_backoff);
