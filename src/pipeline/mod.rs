@@ -183,3 +183,76 @@ pub enum Verdict {
 pub(crate) fn std(d: crate::policy::model::Duration) -> Duration {
     d.to_std()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> Failure {
+        Failure::Status(Box::new(Reply {
+            status: StatusCode::from_u16(code).expect("valid status"),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }))
+    }
+
+    #[test]
+    fn conditions_match_their_failures_only() {
+        let connect = Failure::Connect("refused".into());
+        let reset = Failure::Transport("reset".into());
+        let timeout = Failure::AttemptTimeout {
+            after: Duration::from_secs(1),
+        };
+        assert!(connect.matches(Condition::ConnectError));
+        assert!(!reset.matches(Condition::ConnectError));
+        assert!(reset.matches(Condition::TransportError));
+        assert!(timeout.matches(Condition::Timeout));
+        assert!(!Failure::DeadlineExceeded.matches(Condition::Timeout));
+        assert!(status(503).matches(Condition::ServerError));
+        assert!(status(503).matches(Condition::Status(503)));
+        assert!(!status(429).matches(Condition::ServerError));
+        assert!(status(429).matches_any(&[Condition::Timeout, Condition::Status(429)]));
+        assert!(!status(404).matches_any(&[Condition::ServerError, Condition::Status(429)]));
+    }
+
+    #[test]
+    fn refusals_never_reached_the_upstream() {
+        let refusals = [
+            Failure::BreakerOpen {
+                retry_after: Duration::ZERO,
+            },
+            Failure::BulkheadFull {
+                priority: Priority::Bulk,
+            },
+            Failure::QueueTimeout {
+                priority: Priority::Normal,
+                waited: Duration::ZERO,
+            },
+            Failure::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            Failure::BadParams("x".into()),
+        ];
+        for f in &refusals {
+            assert!(f.is_refusal(), "{}", f.code());
+            assert!(!f.reached_upstream(), "{}", f.code());
+        }
+        for f in [
+            status(500),
+            Failure::Transport("reset".into()),
+            Failure::DeadlineExceeded,
+        ] {
+            assert!(!f.is_refusal(), "{}", f.code());
+            assert!(f.reached_upstream(), "{}", f.code());
+        }
+        assert!(!Failure::Connect("refused".into()).reached_upstream());
+    }
+
+    #[test]
+    fn codes_are_stable_snake_case() {
+        assert_eq!(status(502).code(), "upstream_status");
+        assert_eq!(Failure::DeadlineExceeded.code(), "deadline_exceeded");
+        assert_eq!(Failure::Transport(String::new()).code(), "transport_error");
+        assert_eq!(Failure::BodyTooLarge { limit: 1 }.code(), "body_too_large");
+    }
+}
