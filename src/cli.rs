@@ -1,17 +1,25 @@
-//! The command line: `claygate validate`, `claygate schema`, `claygate explain`.
+//! The command line: `claygate serve`, `claygate validate`, `claygate
+//! schema`, `claygate explain`, `claygate openapi`.
 //!
-//! Exit codes are part of the interface: 0 valid, 1 invalid policies (or
-//! warnings with `--strict`), 2 usage or I/O error.
+//! Exit codes are part of the interface: 0 valid (or, for `serve`, a clean
+//! shutdown), 1 invalid policies (or warnings with `--strict`), 2 usage,
+//! I/O, bind or store error.
 
 use std::io::{self, IsTerminal, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
 
+use crate::compile::CompileOptions;
+use crate::logging::{self, LogFormat};
 use crate::policy::diagnostic::{render_github, render_human, render_json};
 use crate::policy::{self, LoadOptions, UnsetEnv};
+use crate::reload::{Problem, Trigger};
+use crate::serve::{ServeConfig, ServeError, Server};
 
 /// Exit code: everything checked out.
 pub const EXIT_OK: u8 = 0;
@@ -19,6 +27,10 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_INVALID: u8 = 1;
 /// Exit code: bad usage or an I/O error.
 pub const EXIT_USAGE: u8 = 2;
+
+/// The environment variable holding the admin token (read from the
+/// environment only: a command-line flag would show in `ps`).
+pub const TOKEN_ENV: &str = "CLAYGATE_ADMIN_TOKEN";
 
 /// claygate: declarative resilience for Clay and any HTTP API.
 #[derive(Debug, Parser)]
@@ -32,6 +44,17 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the admin API: invoke operations through their pipelines,
+    /// reload on change, redrive the DLQ.
+    ///
+    /// Prints `listening on http://ADDR` on standard output once bound; logs
+    /// go to standard error. With CLAYGATE_ADMIN_TOKEN set (environment
+    /// only), every endpoint but /health* and /metrics needs
+    /// `Authorization: Bearer <token>`; a non-loopback --listen without a
+    /// token is refused. SIGTERM or Ctrl-C drain and stop (exit 0); SIGHUP
+    /// reloads the policies. Exit 1 when the policies are invalid, 2 on
+    /// usage, I/O, bind or store errors.
+    Serve(ServeArgs),
     /// Check policy files: YAML, the JSON Schema and the semantic rules.
     ///
     /// Exit 0 when valid, 1 when invalid (or with warnings under --strict),
@@ -42,6 +65,110 @@ pub enum Command {
     /// Show one operation's pipeline, layer by layer, with every effective
     /// value and where it came from.
     Explain(ExplainArgs),
+    /// Print the OpenAPI description of the admin API (JSON).
+    Openapi,
+    /// Start a fake Clay on loopback and serve the bundled policies against
+    /// it, with a temporary store; print what to try. `--scenario outage`
+    /// instead walks through an outage and its recovery, narrated, and ends
+    /// with a summary (exit 1 if anything was lost or delivered twice).
+    Demo(DemoArgs),
+}
+
+/// Arguments of `claygate demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Run a narrated scenario and exit (known: outage); without it, serve
+    /// until Ctrl-C.
+    #[arg(long, value_name = "NAME")]
+    pub scenario: Option<String>,
+    /// The policy directory.
+    #[arg(long, value_name = "DIR", default_value = "policies")]
+    pub policies: PathBuf,
+    /// Keep the store in this directory instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Address of claygate's admin API.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700", value_parser = parse_listen)]
+    pub listen: SocketAddr,
+    /// Address of the fake Clay (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0", value_parser = parse_listen)]
+    pub fake_listen: SocketAddr,
+    /// Seeds the scenario's traffic and the fake's random faults.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Log format (standard error). The level comes from RUST_LOG (default
+    /// `info`, or `error` during a scenario so the narration stays readable).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+/// Arguments of `claygate serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The policy directory.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "policies",
+        env = "CLAYGATE_POLICIES"
+    )]
+    pub policies: PathBuf,
+    /// The data directory (the SQLite store: dead letters, idempotency
+    /// records, the fallback cache); created if missing.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "data",
+        env = "CLAYGATE_DATA"
+    )]
+    pub data: PathBuf,
+    /// Address of the admin API (port 0 picks a free port).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7700",
+        env = "CLAYGATE_LISTEN",
+        value_parser = parse_listen
+    )]
+    pub listen: SocketAddr,
+    /// How long calls in flight get to finish at shutdown (e.g. 30s, 500ms);
+    /// calls still running then are interrupted, and dead-lettered when
+    /// their operation has a DLQ.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        env = "CLAYGATE_DRAIN_TIMEOUT",
+        value_parser = parse_duration
+    )]
+    pub drain_timeout: Duration,
+    /// Do not watch the policy directory (reload with SIGHUP or the API).
+    #[arg(long)]
+    pub no_watch: bool,
+    /// Log format (on standard error); the level comes from RUST_LOG
+    /// (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "CLAYGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// `host:port`: an IP address, or a name resolved once (its first address).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}` is not an address such as 127.0.0.1:7700 ({e})"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("`{s}` resolves to no address"))
+}
+
+/// A duration as policies write them: `500ms`, `30s`, `5m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    policy::model::Duration::parse(s.trim())
+        .map(policy::model::Duration::to_std)
+        .map_err(|e| e.to_string())
 }
 
 /// Arguments of `claygate explain`.
@@ -123,6 +250,15 @@ pub fn main() -> ExitCode {
 /// Runs a parsed command; returns the exit code.
 pub fn run(cli: Cli) -> u8 {
     match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Openapi => match serde_json::to_string_pretty(&crate::admin::openapi()) {
+            Ok(json) => print_or_usage(&(json + "\n")),
+            Err(e) => {
+                eprintln!("claygate: cannot render the OpenAPI description: {e}");
+                EXIT_USAGE
+            }
+        },
+        Command::Demo(args) => demo(args),
         Command::Validate(args) => validate(&args),
         Command::Explain(args) => explain(&args),
         Command::Schema => match policy::schema::schema() {
@@ -132,6 +268,238 @@ pub fn run(cli: Cli) -> u8 {
                 EXIT_USAGE
             }
         },
+    }
+}
+
+/// The admin token from the environment: `None` when unset; an error when
+/// set but blank or not Unicode (a token that can never match would lock
+/// every client out, a blank one would protect nothing).
+fn admin_token() -> Result<Option<String>, String> {
+    match std::env::var(TOKEN_ENV) {
+        Ok(t) if t.trim().is_empty() => Err(format!(
+            "{TOKEN_ENV} is set but empty: set a token, or unset it to serve without auth on loopback"
+        )),
+        // Clients' tokens are trimmed before comparison; so is ours.
+        Ok(t) => Ok(Some(t.trim().to_owned())),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{TOKEN_ENV} is not valid UTF-8")),
+    }
+}
+
+fn demo(args: DemoArgs) -> u8 {
+    let quiet = if args.scenario.is_some() { "error" } else { logging::DEFAULT_FILTER };
+    if let Err(e) = logging::init_or(args.log_format, quiet) {
+        eprintln!("claygate: {e}");
+        return EXIT_USAGE;
+    }
+    let token = match admin_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("claygate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("claygate: cannot start the async runtime: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let options = crate::demo::DemoOptions {
+        listen: args.listen,
+        fake_listen: args.fake_listen,
+        data: args.data,
+        policies: args.policies,
+        scenario: args.scenario,
+        seed: args.seed,
+        token,
+        ..crate::demo::DemoOptions::default()
+    };
+    let result = runtime.block_on(crate::demo::run(options));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(summary) if summary.rows.lost > 0 || summary.rows.duplicate_deliveries > 0 => {
+            eprintln!(
+                "claygate: the demo lost {} rows and delivered {} twice",
+                summary.rows.lost, summary.rows.duplicate_deliveries
+            );
+            EXIT_INVALID
+        }
+        Ok(_) => EXIT_OK,
+        Err(e) => {
+            eprintln!("claygate: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> u8 {
+    if let Err(e) = logging::init(args.log_format) {
+        eprintln!("claygate: {e}");
+        return EXIT_USAGE;
+    }
+    let token = match admin_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("claygate: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("claygate: cannot start the async runtime: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let code = runtime.block_on(serve_until_signalled(args, token));
+    // Blocking tasks (a reload reading files) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+async fn serve_until_signalled(args: ServeArgs, token: Option<String>) -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    // Handlers first: a signal sent as soon as the address is printed must
+    // find them installed, not the default action (which would kill us).
+    let handlers = signal(SignalKind::terminate()).and_then(|term| {
+        Ok((
+            term,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    });
+    let (mut term, mut int, mut hup) = match handlers {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("claygate: cannot install signal handlers: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let policies = args.policies.clone();
+    let config = ServeConfig {
+        policies: vec![args.policies],
+        data: args.data,
+        listen: args.listen,
+        token,
+        drain: args.drain_timeout,
+        compile: CompileOptions::default(),
+        watch: !args.no_watch,
+    };
+    let server = match Server::start(config).await {
+        Ok(server) => server,
+        Err(e) => return start_failed(&e, &policies),
+    };
+    {
+        // Ignore write errors: a closed stdout must not stop the server.
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "listening on http://{}", server.addr());
+        let _ = out.flush();
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("interrupt received: shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                let Some(reloader) = server.state().shared.reloader.clone() else {
+                    tracing::warn!("SIGHUP received, but this server has no reloader");
+                    continue;
+                };
+                tracing::info!("SIGHUP received: reloading the policies");
+                // Off the signal loop, so a SIGTERM during a reload is heard
+                // at once; reloads serialise themselves.
+                tokio::spawn(async move {
+                    let record = reloader.reload(Trigger::Signal, true).await;
+                    tracing::info!(
+                        result = record.result.as_str(),
+                        generation = %record.generation,
+                        "reload on SIGHUP finished"
+                    );
+                });
+            }
+        }
+    }
+    server.stop();
+    let drain = args.drain_timeout;
+    let repeat = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {}
+            }
+            tracing::warn!(
+                drain = ?drain,
+                "already shutting down: calls in flight get up to the drain timeout; send SIGKILL to stop at once (calls running then may be lost)"
+            );
+        }
+    });
+    let drained = server.wait().await;
+    repeat.abort();
+    tracing::info!(
+        finished = drained.finished,
+        interrupted = drained.interrupted,
+        "claygate stopped"
+    );
+    EXIT_OK
+}
+
+/// One clear message for a server that cannot start; answers the exit code.
+fn start_failed(error: &ServeError, policies: &std::path::Path) -> u8 {
+    match error {
+        ServeError::Policies(refusal)
+            if !refusal
+                .errors
+                .iter()
+                .all(|p| matches!(p, Problem::Io { .. })) =>
+        {
+            let mut text = format!(
+                "claygate: the policies in {} are invalid and cannot be served:",
+                policies.display()
+            );
+            for problem in &refusal.errors {
+                let line = match problem {
+                    Problem::Diagnostic(d) => {
+                        let mut line = match &d.span {
+                            Some(s) => format!("{}:{}:{}: {}", d.file, s.line, s.column, d.message),
+                            None => format!("{}: {}", d.file, d.message),
+                        };
+                        if let Some(hint) = &d.hint {
+                            line.push_str(&format!(" ({hint})"));
+                        }
+                        line
+                    }
+                    Problem::Compile { message } | Problem::Io { message } => message.clone(),
+                };
+                text.push_str("\n  ");
+                text.push_str(&line);
+            }
+            text.push_str(&format!(
+                "\n(run `claygate validate {}` for details)",
+                policies.display()
+            ));
+            eprintln!("{text}");
+            EXIT_INVALID
+        }
+        // Unreadable policies, a refused address, the store, binding.
+        other => {
+            eprintln!("claygate: {other}");
+            EXIT_USAGE
+        }
     }
 }
 

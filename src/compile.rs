@@ -24,7 +24,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::pipeline::breaker::{Breaker, BreakerConfig};
 use crate::pipeline::bulkhead::{Bulkhead, BulkheadConfig};
+use crate::dlq::DlqConfig;
 use crate::pipeline::compose::{Pipeline, UpstreamRuntime};
+use crate::pipeline::fallback::{CacheConfig, DEFAULT_MAX_ENTRIES, Fallback, MemoryCache};
+use crate::pipeline::idempotency::IdempotencyConfig;
 use crate::pipeline::http::{CompiledRequest, HttpConfig, ReqwestTransport, Transport};
 use crate::pipeline::rate_limit::{RateLimitConfig, RateLimiter};
 use crate::pipeline::retry::{RetryBudget, RetryConfig};
@@ -48,6 +51,8 @@ pub struct Compiled {
     pub upstreams: BTreeMap<String, Arc<UpstreamRuntime>>,
     /// What was carried over from the previous generation, by operation.
     pub carried: BTreeMap<String, CarriedOver>,
+    // Bulkhead limits to apply on activation.
+    pending: std::sync::Mutex<Vec<(Arc<Bulkhead>, BulkheadConfig)>>,
 }
 
 /// Which live state of an operation came from the previous generation.
@@ -119,8 +124,22 @@ pub fn compile(
     compile_with(set, previous, &CompileOptions::default())
 }
 
-/// Compiles `set`, carrying live state over from `previous` where unchanged.
+/// Compiles `set`, carrying live state over from `previous` where
+/// unchanged, and activates it (see [`Compiled::activate`]).
 pub fn compile_with(
+    set: &PolicySet,
+    previous: Option<&Compiled>,
+    options: &CompileOptions,
+) -> Result<Compiled, Vec<CompileError>> {
+    let compiled = compile_plan(set, previous, options)?;
+    compiled.activate();
+    Ok(compiled)
+}
+
+/// Compiles `set` aside: shares live state with `previous` but changes none
+/// of it until [`Compiled::activate`], so a dry run or a failed reload
+/// leaves the serving generation exactly as it was.
+pub fn compile_plan(
     set: &PolicySet,
     previous: Option<&Compiled>,
     options: &CompileOptions,
@@ -226,6 +245,35 @@ pub fn compile_with(
             }
             None => None,
         };
+        let params_schema = match &op.params_schema {
+            Some(schema) => match jsonschema::draft202012::options()
+                .should_validate_formats(true)
+                .build(schema)
+            {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    errors.push(CompileError::Invalid {
+                        place: format!("{place}, params_schema"),
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let idempotency = idempotency_config(op, idempotency_header.clone());
+        let idempotency_header = Some(idempotency.header.clone());
+        let fallback = fallback_of(op, before);
+        let dlq = match &op.dlq {
+            Some(d) => match DlqConfig::from_policy(d, &|t, p| expand(t, &format!("{place}, {p}"), options)) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let attempt_timeout = attempt_timeout.to_std();
         let pipeline = Pipeline {
             name: name.clone(),
@@ -242,6 +290,10 @@ pub fn compile_with(
             failure_on: breaker_failure_on(op, set),
             breaker,
             idempotency_header,
+            params_schema,
+            idempotency,
+            fallback,
+            dlq,
         };
         let up = upstream_carry
             .get(&op.upstream)
@@ -258,18 +310,88 @@ pub fn compile_with(
         operations.insert(name.clone(), Arc::new(pipeline));
     }
     if errors.is_empty() {
-        for (bulkhead, config) in pending {
-            bulkhead.reconfigure(config);
-        }
         Ok(Compiled {
             set: Arc::new(set.clone()),
             operations,
             upstreams,
             carried,
+            pending: std::sync::Mutex::new(pending),
         })
     } else {
         Err(errors)
     }
+}
+
+impl Compiled {
+    /// Applies what this generation changes in state it shares with the
+    /// previous one (new bulkhead limits), once it is about to serve. A plan
+    /// that is never activated (a dry run) changes nothing. Idempotent.
+    pub fn activate(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (bulkhead, config) in pending {
+            bulkhead.reconfigure(config);
+        }
+    }
+}
+
+/// Lease of an in-flight idempotency claim without a deadline or a `lease`.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long completed idempotency records replay without a `ttl`.
+pub const DEFAULT_IDEMPOTENCY_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Every operation accepts a caller's `Idempotency-Key`; only a declared
+/// `idempotency` derives keys from params.
+fn idempotency_config(
+    op: &crate::policy::model::Operation,
+    header: Option<HeaderName>,
+) -> IdempotencyConfig {
+    let policy = op.idempotency.as_ref();
+    IdempotencyConfig {
+        key_params: policy.map(|i| i.key.clone()).unwrap_or_default(),
+        ttl: policy
+            .and_then(|i| i.ttl)
+            .map_or(DEFAULT_IDEMPOTENCY_TTL, |d| d.to_std()),
+        lease: policy
+            .and_then(|i| i.lease)
+            .or(op.deadline)
+            .map_or(DEFAULT_LEASE, |d| d.to_std()),
+        on_concurrent: policy
+            .and_then(|i| i.on_concurrent)
+            .unwrap_or(crate::policy::model::OnConcurrent::Wait),
+        header: header.unwrap_or(HeaderName::from_static("idempotency-key")),
+    }
+}
+
+/// The operation's fallback; the in-memory cache carries over while the
+/// cache settings are unchanged.
+fn fallback_of(
+    op: &crate::policy::model::Operation,
+    before: Option<&Arc<Pipeline>>,
+) -> Option<Fallback> {
+    let policy = op.fallback.as_ref()?;
+    let cache = policy.cache.as_ref().map(|c| CacheConfig {
+        fresh: c.fresh.to_std(),
+        stale: c.stale.to_std(),
+        very_stale: c.very_stale.to_std(),
+        key: c.key.clone(),
+        max_entries: c
+            .max_entries
+            .map_or(DEFAULT_MAX_ENTRIES, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+    });
+    let memory = match (before.and_then(|b| b.fallback.as_ref()), &cache) {
+        (Some(old), Some(new)) if old.cache.as_ref() == Some(new) => Arc::clone(&old.memory),
+        _ => MemoryCache::new(cache.as_ref().map_or(1, |c| c.max_entries)),
+    };
+    Some(Fallback {
+        cache,
+        memory,
+        static_value: policy.static_value.clone(),
+    })
 }
 
 /// A limiter that never runs out of tokens: only its quota gate acts.

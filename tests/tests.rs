@@ -2,7 +2,17 @@
 
 mod support;
 
+mod admin;
 mod cli;
+mod conservation;
 mod corpus;
+mod dlq;
+mod fake_clay;
 mod fuzz;
+mod health;
+mod invoke;
 mod pipeline;
+mod reload;
+mod runtime;
+mod serve;
+mod store;

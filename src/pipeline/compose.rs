@@ -12,6 +12,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
+use super::fallback::Fallback;
+use super::idempotency::IdempotencyConfig;
+use crate::dlq::DlqConfig;
 use super::bulkhead::Bulkhead;
 use super::http::{CompiledRequest, HttpConfig, Rendered, Transport};
 use super::rate_limit::RateLimiter;
@@ -82,6 +85,14 @@ pub struct Pipeline {
     pub failure_on: Vec<Condition>,
     /// Header that forwards the idempotency key.
     pub idempotency_header: Option<HeaderName>,
+    /// Checks the params before anything else runs.
+    pub params_schema: Option<Arc<jsonschema::Validator>>,
+    /// Idempotency settings (a caller's key is honoured on every operation).
+    pub idempotency: IdempotencyConfig,
+    /// What is served when the call fails.
+    pub fallback: Option<Fallback>,
+    /// Where calls that fail for good go.
+    pub dlq: Option<DlqConfig>,
 }
 
 impl Pipeline {

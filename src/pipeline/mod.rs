@@ -23,7 +23,9 @@
 pub mod breaker;
 pub mod bulkhead;
 pub mod compose;
+pub mod fallback;
 pub mod http;
+pub mod idempotency;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
@@ -106,6 +108,10 @@ pub enum Failure {
     /// The params cannot fill the request template.
     #[error("bad params: {0}")]
     BadParams(String),
+    /// claygate shut down before the call finished (the request may have
+    /// reached the upstream).
+    #[error("interrupted by shutdown")]
+    Interrupted,
 }
 
 impl Failure {
@@ -123,6 +129,7 @@ impl Failure {
             Failure::Status(_) => "upstream_status",
             Failure::BodyTooLarge { .. } => "body_too_large",
             Failure::BadParams(_) => "bad_params",
+            Failure::Interrupted => "interrupted",
         }
     }
 
@@ -136,6 +143,7 @@ impl Failure {
                 | Failure::Transport(_)
                 | Failure::Status(_)
                 | Failure::BodyTooLarge { .. }
+                | Failure::Interrupted
         )
     }
 

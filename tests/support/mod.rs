@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod dlq;
+pub mod script;
+pub mod server;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,737 @@
+//! The dead-letter queue end to end: dead-lettering, redrive through the
+//! same pipeline (back-off, breaker, pacing, idempotency), parking with its
+//! alerts, admin replay, and orphaned entries; on the scripted in-memory
+//! upstream and a real SQLite store, mostly on tokio's paused clock (the
+//! store is wrapped so that waiting on SQLite never auto-advances it: see
+//! `support::dlq`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use claygate::clock::{Clock, UnixMillis};
+use claygate::dlq::{self, ReplayError};
+use claygate::events::Event;
+use claygate::runtime::{Answer, InvokeError, InvokeRequest, Invoked, Runtime};
+use claygate::store::{DeadLetter, DlqFilter, DlqState};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::support::dlq::open_store;
+use crate::support::script::{Script, Step, compile_script};
+use crate::support::tempdir;
+use crate::support::upstream::{Behavior, FakeUpstream};
+
+/// One `push_row`-like operation named `name` with these `dlq` settings.
+fn push_op(name: &str, dlq: &str) -> String {
+    format!(
+        "  {name}:
+    upstream: clay
+    request: {{ method: POST, path: \"/v1/tables/{{{{ params.table_id }}}}/rows\", body: \"{{{{ params.row }}}}\" }}
+    params_schema:
+      type: object
+      required: [table_id, row]
+      properties: {{ table_id: {{ type: string }}, row: {{ type: object }} }}
+    priority: bulk
+    retry: {{ max_attempts: 1 }}
+    breaker: {{ volume_threshold: 1000, reset_timeout: 30s }}
+    idempotency: {{ key: [table_id, row], ttl: 24h }}
+    dlq: {dlq}
+"
+    )
+}
+
+/// Back-off 30s, 60s, 120s… without jitter, so due times are exact.
+const DLQ: &str = "{ max_attempts: 3, backoff: { initial: 30s, multiplier: 2, max: 30m, jitter: none }, redrive_rate: 100, retention: 1d }";
+
+fn ops(list: &[String]) -> String {
+    format!("operations:\n{}", list.concat())
+}
+
+struct Rig {
+    runtime: Arc<Runtime>,
+    script: Script,
+    events: broadcast::Receiver<Event>,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(operations: &str) -> Rig {
+    let dir = tempdir();
+    let script = Script::new();
+    let store = open_store(dir.path()).await;
+    let compiled = compile_script(operations, &script, None);
+    let runtime = Runtime::new(compiled, store, Clock::new());
+    let events = runtime.events.subscribe();
+    Rig {
+        runtime,
+        script,
+        events,
+        _dir: dir,
+    }
+}
+
+fn row(table: &str, n: u32) -> InvokeRequest {
+    InvokeRequest {
+        params: json!({"table_id": table, "row": {"email": format!("p{n}@example.com"), "n": n}}),
+        ..InvokeRequest::default()
+    }
+}
+
+fn fail(status: u16) -> Step {
+    Step::Reply(status, json!({"error": status}))
+}
+
+impl Rig {
+    async fn invoke(&self, op: &str, request: InvokeRequest) -> Invoked {
+        self.runtime.invoke(op, request).await
+    }
+
+    /// Invokes `op`, which must be dead-lettered; answers the entry id.
+    async fn dead_letter(&self, op: &str, request: InvokeRequest) -> i64 {
+        let invoked = self.invoke(op, request).await;
+        match invoked.answer {
+            Answer::Queued { dlq_id, .. } => dlq_id,
+            other => panic!("expected the call to be queued, got {other:?}"),
+        }
+    }
+
+    async fn entry(&self, id: i64) -> DeadLetter {
+        self.runtime
+            .store
+            .dlq_get(id)
+            .await
+            .expect("store readable")
+            .unwrap_or_else(|| panic!("dead letter {id} exists"))
+    }
+
+    /// Advances the paused clock until `at` (wall time of the runtime's clock).
+    async fn advance_to(&self, at: UnixMillis) {
+        let now = self.runtime.clock.now();
+        if at > now {
+            let ms = u64::try_from(at - now).expect("positive");
+            tokio::time::advance(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// Events emitted so far and not yet seen.
+    fn events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Ok(e) = self.events.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+}
+
+fn body(invoked: &Invoked) -> Value {
+    match &invoked.answer {
+        Answer::Ok(r) => serde_json::from_slice(&r.body).expect("JSON body"),
+        other => panic!("expected an ok answer, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_call_is_dead_lettered_with_its_details() {
+    let mut rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503));
+    let started = rig.runtime.clock.now();
+
+    let invoked = rig.invoke("push_row", row("t1", 1)).await;
+    let (id, cause) = match invoked.answer {
+        Answer::Queued { dlq_id, cause } => (dlq_id, cause),
+        other => panic!("expected queued, got {other:?}"),
+    };
+    assert_eq!(cause.expect("a cause").code(), "upstream_status");
+    assert_eq!(invoked.attempts, 1);
+
+    let entry = rig.entry(id).await;
+    assert_eq!(entry.state, DlqState::Pending);
+    assert_eq!(entry.operation, "push_row");
+    assert_eq!(entry.params, row("t1", 1).params);
+    assert_eq!(entry.error_code, "upstream_status");
+    assert_eq!(entry.call_attempts, 1);
+    assert_eq!(entry.redrive_attempts, 0);
+    assert_eq!(entry.priority.as_deref(), Some("bulk"));
+    assert!(entry.first_attempt_at >= started && entry.first_attempt_at <= entry.last_attempt_at);
+    assert_eq!(
+        entry.next_attempt_at,
+        entry.last_attempt_at + 30_000,
+        "due after the first back-off step"
+    );
+    assert_eq!(entry.expires_at, None);
+    let key = entry
+        .idempotency_key
+        .clone()
+        .expect("a derived key is kept");
+    assert_eq!(rig.script.seen()[0].key.as_deref(), Some(key.as_str()));
+
+    let events = rig.events();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::DeadLettered { id: i, error_code, .. } if *i == id && error_code == "upstream_status")),
+        "{events:?}"
+    );
+    // Not due yet: a pass sends nothing.
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.sent(), 0, "{report:?}");
+    assert_eq!(rig.script.hits(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn redrive_delivers_after_the_backoff_and_duplicates_replay_the_answer() {
+    let mut rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script
+        .then(fail(503))
+        .then(Step::Reply(201, json!({"row_id": 7})));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    let due = rig.entry(id).await.next_attempt_at;
+
+    rig.advance_to(due - 1_000).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.sent(), 0);
+    assert_eq!(rig.script.hits(), 1, "nothing before the back-off");
+
+    rig.advance_to(due).await;
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.delivered, 1, "{report:?}");
+    assert_eq!(rig.script.hits(), 2);
+
+    let entry = rig.entry(id).await;
+    assert_eq!(entry.state, DlqState::Delivered);
+    assert_eq!(entry.delivered_status, Some(201));
+    assert_eq!(entry.redrive_attempts, 1);
+    let delivered_at = entry.last_attempt_at;
+    assert_eq!(
+        entry.expires_at,
+        Some(delivered_at + 24 * 3600 * 1000),
+        "kept for the retention"
+    );
+    assert!(
+        rig.events()
+            .iter()
+            .any(|e| matches!(e, Event::Delivered { id: i, redrive_attempts: 1, .. } if *i == id)),
+        "a delivered event"
+    );
+    assert_eq!(rig.runtime.redrive.delivered_total(), 1);
+
+    // A duplicate of the original call replays the delivered answer.
+    let again = rig.invoke("push_row", row("t1", 1)).await;
+    assert_eq!(body(&again), json!({"row_id": 7}));
+    assert_eq!(again.attempts, 0);
+    assert!(again.idempotency.as_ref().is_some_and(|m| m.replayed));
+    assert_eq!(rig.script.hits(), 2, "the duplicate made no upstream call");
+
+    // Delivered entries are swept once their retention has passed.
+    rig.advance_to(delivered_at + 24 * 3600 * 1000).await;
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!(swept.dead_letters, 1, "{swept:?}");
+    assert_eq!(swept.store_errors, 0);
+    assert!(
+        rig.runtime
+            .store
+            .dlq_get(id)
+            .await
+            .expect("readable")
+            .is_none()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_idempotency_key_is_forwarded_on_every_redrive() {
+    let five =
+        "{ max_attempts: 5, backoff: { initial: 30s, multiplier: 2, max: 30m, jitter: none } }";
+    let rig = rig(&ops(&[push_op("push_row", five)])).await;
+    rig.script
+        .then(fail(503))
+        .then(fail(502))
+        .then(Step::Refuse)
+        .then(fail(504));
+    let mut request = row("t1", 1);
+    request.idempotency_key = Some("client-key-1".into());
+    let id = rig.dead_letter("push_row", request).await;
+
+    let mut waits = Vec::new();
+    for n in 1..=3 {
+        let entry = rig.entry(id).await;
+        assert_eq!(entry.state, DlqState::Pending);
+        assert_eq!(entry.redrive_attempts, n - 1);
+        waits.push(entry.next_attempt_at - entry.last_attempt_at);
+        rig.advance_to(entry.next_attempt_at).await;
+        let report = dlq::redrive_due(&rig.runtime).await;
+        assert_eq!(report.retried, 1, "redrive {n}: {report:?}");
+    }
+    assert_eq!(
+        waits,
+        [30_000, 60_000, 120_000],
+        "back-off grows per redrive"
+    );
+    let entry = rig.entry(id).await;
+    assert_eq!(entry.error_code, "upstream_status");
+    rig.advance_to(entry.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.delivered, 1);
+
+    let seen = rig.script.seen();
+    assert_eq!(seen.len(), 5);
+    assert!(
+        seen.iter()
+            .all(|s| s.key.as_deref() == Some("client-key-1")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|s| s.path == "/v1/tables/t1/rows"));
+    assert!(
+        seen.iter()
+            .all(|s| s.body == Some(json!({"email": "p1@example.com", "n": 1})))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_worker_waits_while_the_breaker_is_open() {
+    let mut rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = dlq::spawn_worker(Arc::clone(&rig.runtime), shutdown);
+
+    rig.script.then(fail(503));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    let breaker = Arc::clone(&rig.runtime.compiled().operations["push_row"].breaker);
+    breaker.force_open();
+    let due = rig.entry(id).await.next_attempt_at;
+
+    // Well past the due time, the worker has looped many times.
+    rig.advance_to(due).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(rig.script.hits(), 1, "no redrive while the breaker is open");
+    let entry = rig.entry(id).await;
+    assert_eq!(
+        (entry.state, entry.redrive_attempts),
+        (DlqState::Pending, 0),
+        "no attempt consumed"
+    );
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.waiting, ["push_row"]);
+    assert_eq!(report.sent(), 0);
+    rig.events();
+
+    breaker.reset();
+    let delivered = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match rig.events.recv().await {
+                Ok(Event::Delivered { id: i, .. }) if i == id => break,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        delivered.is_ok(),
+        "the worker delivers once the breaker lets calls through"
+    );
+    assert_eq!(rig.script.hits(), 2);
+    assert_eq!(rig.entry(id).await.state, DlqState::Delivered);
+
+    stop.send(true).expect("worker listening");
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .expect("the worker stops on shutdown")
+        .expect("the worker did not panic");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_that_opens_mid_pass_stops_the_pass() {
+    let op = push_op("push_row", DLQ).replace(
+        "breaker: { volume_threshold: 1000, reset_timeout: 30s }",
+        "breaker: { volume_threshold: 2, error_threshold_percentage: 50, reset_timeout: 30s }",
+    );
+    let rig = rig(&ops(&[op])).await;
+    // Two calls fail and open the breaker; later calls are refused, but the
+    // first two entries are still dead-lettered (breaker_open is transient).
+    rig.script.always(fail(503));
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(rig.dead_letter("push_row", row("t1", n)).await);
+    }
+    assert_eq!(rig.script.hits(), 2);
+    let breaker = Arc::clone(&rig.runtime.compiled().operations["push_row"].breaker);
+    breaker.reset();
+    let latest = rig.entry(ids[3]).await.next_attempt_at;
+    rig.advance_to(latest).await;
+
+    // The first redrive fails (one call in the window: below the volume
+    // threshold); the second opens the breaker, and the pass stops there.
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.retried, 2, "{report:?}");
+    assert_eq!(report.waiting, ["push_row"], "{report:?}");
+    assert_eq!(
+        rig.script.hits(),
+        4,
+        "the pass stopped when the breaker opened"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_failure_parks_at_once() {
+    let mut rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503)).then(fail(400));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    rig.advance_to(rig.entry(id).await.next_attempt_at).await;
+
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.parked, 1, "{report:?}");
+    let entry = rig.entry(id).await;
+    assert_eq!(entry.state, DlqState::Parked);
+    assert_eq!(
+        entry.redrive_attempts, 1,
+        "parked at once, with attempts left"
+    );
+    assert_eq!(entry.error_code, "upstream_status");
+    assert!(
+        entry.error_message.contains("400"),
+        "{}",
+        entry.error_message
+    );
+    assert_eq!(
+        entry.expires_at,
+        Some(entry.last_attempt_at + 24 * 3600 * 1000)
+    );
+    assert!(
+        rig.events()
+            .iter()
+            .any(|e| matches!(e, Event::Parked { id: i, .. } if *i == id)),
+        "a parked event"
+    );
+    assert_eq!(rig.runtime.redrive.parked_total(), 1);
+    assert_eq!(
+        rig.runtime.redrive.alerts_in_flight(),
+        0,
+        "no webhook configured"
+    );
+
+    // The 4xx is the call's result: a duplicate replays it without a call.
+    let again = rig.invoke("push_row", row("t1", 1)).await;
+    match &again.answer {
+        Answer::Failed(InvokeError::Failure(claygate::pipeline::Failure::Status(reply))) => {
+            assert_eq!(reply.status.as_u16(), 400);
+        }
+        other => panic!("expected the stored 400, got {other:?}"),
+    }
+    assert_eq!(rig.script.hits(), 2);
+
+    // Nothing redrives a parked entry by itself.
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.sent(), 0);
+    assert_eq!(rig.script.hits(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn redrives_are_paced_at_the_redrive_rate() {
+    let paced = "{ max_attempts: 3, backoff: { initial: 30s, multiplier: 2, max: 30m, jitter: none }, redrive_rate: 2 }";
+    let rig = rig(&ops(&[push_op("push_row", paced)])).await;
+    for _ in 0..6 {
+        rig.script.then(fail(503));
+    }
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(rig.dead_letter("push_row", row("t1", n)).await);
+    }
+    rig.advance_to(rig.entry(ids[5]).await.next_attempt_at)
+        .await;
+
+    let started = tokio::time::Instant::now();
+    let report = dlq::redrive_due(&rig.runtime).await;
+    let took = started.elapsed();
+    assert_eq!(report.delivered, 6, "{report:?}");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "6 redrives at 2/s take at least 2.5s, took {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    // Oldest due first.
+    let delivered: Vec<i64> = {
+        let mut all = Vec::new();
+        for id in &ids {
+            all.push((rig.entry(*id).await.last_attempt_at, *id));
+        }
+        all.sort();
+        all.into_iter().map(|(_, id)| id).collect()
+    };
+    assert_eq!(delivered, ids);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replay_one_runs_a_parked_entry_now() {
+    let mut rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script
+        .then(fail(503))
+        .then(fail(409))
+        .then(fail(503))
+        .then(Step::Reply(200, json!({"row_id": 9})));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    rig.advance_to(rig.entry(id).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 1);
+    rig.events();
+
+    // A failed replay of a parked entry leaves it parked, with the new error,
+    // and raises no new alert.
+    let replayed = dlq::replay_one(&rig.runtime, id).await.expect("replayed");
+    assert_eq!(replayed.state, DlqState::Parked);
+    assert_eq!(replayed.error_code, "upstream_status");
+    assert!(
+        replayed.error_message.contains("503"),
+        "{}",
+        replayed.error_message
+    );
+    assert_eq!(rig.runtime.redrive.parked_total(), 1);
+    assert!(
+        !rig.events()
+            .iter()
+            .any(|e| matches!(e, Event::Parked { .. }))
+    );
+
+    let delivered = dlq::replay_one(&rig.runtime, id).await.expect("replayed");
+    assert_eq!(delivered.state, DlqState::Delivered);
+    assert_eq!(delivered.delivered_status, Some(200));
+    assert_eq!(rig.script.hits(), 4);
+    assert!(
+        rig.events()
+            .iter()
+            .any(|e| matches!(e, Event::Delivered { id: i, .. } if *i == id))
+    );
+    let again = rig.invoke("push_row", row("t1", 1)).await;
+    assert_eq!(
+        body(&again),
+        json!({"row_id": 9}),
+        "the delivered answer replaces the stored 409"
+    );
+
+    assert_eq!(
+        dlq::replay_one(&rig.runtime, id).await,
+        Err(ReplayError::AlreadyDelivered(id))
+    );
+    assert_eq!(
+        dlq::replay_one(&rig.runtime, id + 1000).await,
+        Err(ReplayError::NotFound(id + 1000))
+    );
+    assert_eq!(rig.script.hits(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replay_one_of_a_pending_entry_consumes_an_attempt_unless_refused() {
+    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503)).then(fail(503));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+
+    // Run now, long before it is due.
+    let entry = dlq::replay_one(&rig.runtime, id).await.expect("replayed");
+    assert_eq!(
+        (entry.state, entry.redrive_attempts),
+        (DlqState::Pending, 1)
+    );
+    assert_eq!(entry.next_attempt_at, entry.last_attempt_at + 60_000);
+
+    let breaker = Arc::clone(&rig.runtime.compiled().operations["push_row"].breaker);
+    breaker.force_open();
+    let refused = dlq::replay_one(&rig.runtime, id).await;
+    assert!(
+        matches!(&refused, Err(ReplayError::Refused { id: i, failure }) if *i == id && failure.code() == "breaker_open"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        rig.entry(id).await,
+        entry,
+        "a refusal leaves the entry as it was"
+    );
+    assert_eq!(rig.script.hits(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replay_matching_requeues_by_filter() {
+    let rig = rig(&ops(&[
+        push_op("push_row", DLQ),
+        push_op("push_other", DLQ),
+    ]))
+    .await;
+    rig.script
+        .then(fail(503))
+        .then(fail(503))
+        .then(fail(422))
+        .then(fail(422));
+    let a = rig.dead_letter("push_row", row("t1", 1)).await;
+    let b = rig.dead_letter("push_other", row("t1", 2)).await;
+    rig.advance_to(rig.entry(b).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 2);
+
+    let delivered_only = DlqFilter {
+        state: Some(DlqState::Delivered),
+        ..DlqFilter::default()
+    };
+    assert_eq!(
+        dlq::replay_matching(&rig.runtime, &delivered_only).await,
+        Ok(0)
+    );
+
+    let filter = DlqFilter {
+        operation: Some("push_row".into()),
+        ..DlqFilter::default()
+    };
+    assert_eq!(dlq::replay_matching(&rig.runtime, &filter).await, Ok(1));
+    let now = rig.runtime.clock.now();
+    let requeued = rig.entry(a).await;
+    assert_eq!(requeued.state, DlqState::Pending);
+    assert_eq!(requeued.redrive_attempts, 0, "a fresh count of attempts");
+    assert!(requeued.next_attempt_at <= now, "due now");
+    assert_eq!(
+        rig.entry(b).await.state,
+        DlqState::Parked,
+        "the other operation is untouched"
+    );
+
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.delivered, 1, "{report:?}");
+    assert_eq!(rig.entry(a).await.state, DlqState::Delivered);
+    assert_eq!(rig.entry(b).await.state, DlqState::Parked);
+
+    // Delivered entries are never requeued, even by an unfiltered replay.
+    assert_eq!(
+        dlq::replay_matching(&rig.runtime, &DlqFilter::default()).await,
+        Ok(1)
+    );
+    assert_eq!(rig.entry(a).await.state, DlqState::Delivered);
+    assert_eq!(rig.entry(b).await.state, DlqState::Pending);
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_of_a_removed_operation_stay_stored() {
+    let both = ops(&[push_op("push_row", DLQ), push_op("push_other", DLQ)]);
+    let rig = rig(&both).await;
+    rig.script.then(fail(503));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    let due = rig.entry(id).await.next_attempt_at;
+
+    let current = rig.runtime.compiled();
+    let without = compile_script(
+        &ops(&[push_op("push_other", DLQ)]),
+        &rig.script,
+        Some(current.as_ref()),
+    );
+    rig.runtime.swap(without);
+    rig.advance_to(due + 3_600_000).await;
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!(report.orphaned, 1, "{report:?}");
+    assert_eq!(report.sent(), 0);
+    assert_eq!(
+        dlq::replay_one(&rig.runtime, id).await,
+        Err(ReplayError::UnknownOperation("push_row".into()))
+    );
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!(swept.dead_letters, 0);
+    let entry = rig.entry(id).await;
+    assert_eq!(
+        (entry.state, entry.redrive_attempts),
+        (DlqState::Pending, 0)
+    );
+    assert_eq!(rig.script.hits(), 1);
+
+    // Restoring the operation resumes the redrive.
+    let current = rig.runtime.compiled();
+    let restored = compile_script(&both, &rig.script, Some(current.as_ref()));
+    rig.runtime.swap(restored);
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!((report.delivered, report.orphaned), (1, 0), "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_being_replayed_is_not_redriven_twice() {
+    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    // The replay's request hangs until the attempt timeout (5s) cuts it.
+    rig.script.then(fail(503)).then(Step::Hang);
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    rig.advance_to(rig.entry(id).await.next_attempt_at).await;
+
+    let runtime = Arc::clone(&rig.runtime);
+    let replay = tokio::spawn(async move { dlq::replay_one(&runtime, id).await });
+    // Spinning keeps the runtime busy, so the paused clock stays put.
+    while !rig.runtime.redrive.is_running(id) || rig.script.hits() < 2 {
+        assert!(
+            !replay.is_finished(),
+            "the replay ended early: {:?}",
+            replay.await
+        );
+        tokio::task::yield_now().await;
+    }
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!((report.busy, report.sent()), (1, 0), "{report:?}");
+    assert_eq!(
+        dlq::replay_one(&rig.runtime, id).await,
+        Err(ReplayError::Busy(id))
+    );
+    assert_eq!(rig.script.hits(), 2, "the due entry was sent once");
+
+    let entry = replay.await.expect("replay task").expect("replayed");
+    assert_eq!(entry.state, DlqState::Pending);
+    assert_eq!(entry.error_code, "attempt_timeout");
+    assert_eq!(entry.redrive_attempts, 1);
+    assert!(!rig.runtime.redrive.is_running(id), "the mark is gone");
+}
+
+// Real clock with short back-offs: the webhook goes over a real socket, and
+// reqwest's timeouts must not fire under an auto-advancing paused clock.
+#[tokio::test]
+async fn out_of_attempts_parks_and_posts_the_alert_webhook() {
+    let hook = FakeUpstream::start().await;
+    hook.then([Behavior::status(503, "")])
+        .always(Behavior::status(204, ""));
+    let webhook = format!("{}/hooks/dlq?token=s3cret", hook.url());
+    let dlq = format!(
+        "{{ max_attempts: 2, backoff: {{ initial: 10ms, multiplier: 1, max: 10ms, jitter: none }}, alert: {{ webhook: \"{webhook}\" }} }}"
+    );
+    let mut rig = rig(&ops(&[push_op("push_row", &dlq)])).await;
+    rig.script.always(fail(503));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = dlq::spawn_worker(Arc::clone(&rig.runtime), shutdown);
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+
+    let parked = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match rig.events.recv().await {
+                Ok(Event::Parked {
+                    id: i, error_code, ..
+                }) if i == id => break error_code,
+                Ok(_) => {}
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("parked within the time");
+    assert_eq!(parked, "upstream_status");
+    let entry = rig.entry(id).await;
+    assert_eq!((entry.state, entry.redrive_attempts), (DlqState::Parked, 2));
+    assert_eq!(rig.script.hits(), 3, "the call and two redrives");
+
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        rig.runtime.redrive.alerts_settled(),
+    )
+    .await
+    .expect("the webhook settles");
+    assert_eq!(rig.runtime.redrive.alerts_sent(), 1);
+    assert_eq!(rig.runtime.redrive.alerts_failed(), 0);
+    assert_eq!(rig.runtime.redrive.parked_total(), 1);
+    let seen = hook.seen();
+    assert_eq!(seen.len(), 2, "a 503 from the receiver is retried");
+    for s in &seen {
+        assert_eq!(s.method, "POST");
+        assert_eq!(s.path_and_query, "/hooks/dlq?token=s3cret");
+        assert_eq!(s.headers["content-type"], "application/json");
+        let alert: Value = serde_json::from_slice(&s.body).expect("JSON alert");
+        assert_eq!(alert["event"], "dead_letter_parked");
+        assert_eq!(alert["entry"]["id"], id);
+        assert_eq!(alert["entry"]["operation"], "push_row");
+        assert_eq!(alert["entry"]["state"], "parked");
+        assert_eq!(alert["entry"]["redrive_attempts"], 2);
+        assert_eq!(alert["entry"]["error_code"], "upstream_status");
+    }
+
+    stop.send(true).expect("worker listening");
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .expect("the worker stops")
+        .expect("no panic");
+}

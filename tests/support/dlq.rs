@@ -1,0 +1,202 @@
+//! A real SQLite store that is safe under tokio's paused clock.
+//!
+//! sqlx runs SQLite on threads of its own. While a test's only runtime
+//! thread waits for one of them, the runtime looks idle, so a paused clock
+//! auto-advances to the next timer: sqlx's own pool timeouts fire
+//! (`SqliteStore::open` fails with "pool timed out while waiting for an open
+//! connection"), and every other timer (attempt timeouts, the worker's poll)
+//! jumps ahead while the test merely waits for a query.
+//!
+//! [`PausedSafe`] wraps every store call so that, while it runs, a
+//! `spawn_blocking` task is alive: tokio does not auto-advance a paused clock
+//! while blocking work is in flight (it is real work the runtime waits for).
+//! Time then moves only when the test advances it or when everything is
+//! idle for real.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use claygate::clock::UnixMillis;
+use claygate::store::sqlite::SqliteStore;
+use claygate::store::{
+    CacheEntry, Claim, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqUpdate, IdempotencyRecord,
+    NewDeadLetter, PageRequest, Store, StoreResult, StoredResponse,
+};
+use futures_util::future::BoxFuture;
+
+/// Runs `work` with the paused clock's auto-advance held off.
+pub async fn inhibited<F: Future>(work: F) -> F::Output {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    // Spawning it is what holds auto-advance off; it ends when `done` drops.
+    let blocker = tokio::task::spawn_blocking(move || {
+        let _ = wait.recv();
+    });
+    let out = work.await;
+    drop(done);
+    let _ = blocker.await;
+    out
+}
+
+/// Opens a [`SqliteStore`] in `dir`, wrapped in [`PausedSafe`].
+pub async fn open_store(dir: &Path) -> Arc<dyn Store> {
+    let store = inhibited(SqliteStore::open(dir))
+        .await
+        .expect("store opens");
+    Arc::new(PausedSafe(Arc::new(store)))
+}
+
+/// A store whose calls hold off the paused clock's auto-advance.
+pub struct PausedSafe(pub Arc<dyn Store>);
+
+impl Store for PausedSafe {
+    fn idempotency_claim<'a>(
+        &'a self,
+        operation: &'a str,
+        key: &'a str,
+        fingerprint: &'a str,
+        now: UnixMillis,
+        lease_until: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> BoxFuture<'a, StoreResult<Claim>> {
+        Box::pin(inhibited(self.0.idempotency_claim(
+            operation,
+            key,
+            fingerprint,
+            now,
+            lease_until,
+            expires_at,
+        )))
+    }
+
+    fn idempotency_complete<'a>(
+        &'a self,
+        operation: &'a str,
+        key: &'a str,
+        response: &'a StoredResponse,
+        expires_at: UnixMillis,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(inhibited(
+            self.0
+                .idempotency_complete(operation, key, response, expires_at),
+        ))
+    }
+
+    fn idempotency_queue<'a>(
+        &'a self,
+        operation: &'a str,
+        key: &'a str,
+        dlq_id: i64,
+        expires_at: UnixMillis,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(inhibited(
+            self.0.idempotency_queue(operation, key, dlq_id, expires_at),
+        ))
+    }
+
+    fn idempotency_release<'a>(
+        &'a self,
+        operation: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<()>> {
+        Box::pin(inhibited(self.0.idempotency_release(operation, key)))
+    }
+
+    fn idempotency_get<'a>(
+        &'a self,
+        operation: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<IdempotencyRecord>>> {
+        Box::pin(inhibited(self.0.idempotency_get(operation, key)))
+    }
+
+    fn idempotency_sweep(&self, now: UnixMillis) -> BoxFuture<'_, StoreResult<u64>> {
+        Box::pin(inhibited(self.0.idempotency_sweep(now)))
+    }
+
+    fn cache_put(&self, entry: CacheEntry) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(inhibited(self.0.cache_put(entry)))
+    }
+
+    fn cache_get<'a>(
+        &'a self,
+        operation: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<CacheEntry>>> {
+        Box::pin(inhibited(self.0.cache_get(operation, key)))
+    }
+
+    fn cache_sweep<'a>(
+        &'a self,
+        operation: &'a str,
+        fetched_before: UnixMillis,
+        keep: u64,
+    ) -> BoxFuture<'a, StoreResult<u64>> {
+        Box::pin(inhibited(self.0.cache_sweep(
+            operation,
+            fetched_before,
+            keep,
+        )))
+    }
+
+    fn dlq_insert(&self, entry: NewDeadLetter) -> BoxFuture<'_, StoreResult<i64>> {
+        Box::pin(inhibited(self.0.dlq_insert(entry)))
+    }
+
+    fn dlq_get(&self, id: i64) -> BoxFuture<'_, StoreResult<Option<DeadLetter>>> {
+        Box::pin(inhibited(self.0.dlq_get(id)))
+    }
+
+    fn dlq_list<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        page: PageRequest,
+    ) -> BoxFuture<'a, StoreResult<DlqPage>> {
+        Box::pin(inhibited(self.0.dlq_list(filter, page)))
+    }
+
+    fn dlq_due<'a>(
+        &'a self,
+        operation: &'a str,
+        now: UnixMillis,
+        limit: u32,
+    ) -> BoxFuture<'a, StoreResult<Vec<DeadLetter>>> {
+        Box::pin(inhibited(self.0.dlq_due(operation, now, limit)))
+    }
+
+    fn dlq_update(
+        &self,
+        id: i64,
+        update: DlqUpdate,
+    ) -> BoxFuture<'_, StoreResult<Option<DeadLetter>>> {
+        Box::pin(inhibited(self.0.dlq_update(id, update)))
+    }
+
+    fn dlq_requeue<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        now: UnixMillis,
+    ) -> BoxFuture<'a, StoreResult<u64>> {
+        Box::pin(inhibited(self.0.dlq_requeue(filter, now)))
+    }
+
+    fn dlq_delete(&self, id: i64) -> BoxFuture<'_, StoreResult<bool>> {
+        Box::pin(inhibited(self.0.dlq_delete(id)))
+    }
+
+    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>> {
+        Box::pin(inhibited(self.0.dlq_purge(filter)))
+    }
+
+    fn dlq_counts(&self) -> BoxFuture<'_, StoreResult<Vec<DlqCount>>> {
+        Box::pin(inhibited(self.0.dlq_counts()))
+    }
+
+    fn dlq_sweep(&self, now: UnixMillis) -> BoxFuture<'_, StoreResult<u64>> {
+        Box::pin(inhibited(self.0.dlq_sweep(now)))
+    }
+
+    fn close(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(inhibited(self.0.close()))
+    }
+}
