@@ -287,7 +287,11 @@ fn admin_token() -> Result<Option<String>, String> {
 }
 
 fn demo(args: DemoArgs) -> u8 {
-    let quiet = if args.scenario.is_some() { "error" } else { logging::DEFAULT_FILTER };
+    let quiet = if args.scenario.is_some() {
+        "error"
+    } else {
+        logging::DEFAULT_FILTER
+    };
     if let Err(e) = logging::init_or(args.log_format, quiet) {
         eprintln!("claygate: {e}");
         return EXIT_USAGE;

@@ -22,13 +22,13 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::dlq::DlqConfig;
 use crate::pipeline::breaker::{Breaker, BreakerConfig};
 use crate::pipeline::bulkhead::{Bulkhead, BulkheadConfig};
-use crate::dlq::DlqConfig;
 use crate::pipeline::compose::{Pipeline, UpstreamRuntime};
 use crate::pipeline::fallback::{CacheConfig, DEFAULT_MAX_ENTRIES, Fallback, MemoryCache};
-use crate::pipeline::idempotency::IdempotencyConfig;
 use crate::pipeline::http::{CompiledRequest, HttpConfig, ReqwestTransport, Transport};
+use crate::pipeline::idempotency::IdempotencyConfig;
 use crate::pipeline::rate_limit::{RateLimitConfig, RateLimiter};
 use crate::pipeline::retry::{RetryBudget, RetryConfig};
 use crate::policy::PolicySet;
@@ -265,7 +265,9 @@ pub fn compile_plan(
         let idempotency_header = Some(idempotency.header.clone());
         let fallback = fallback_of(op, before);
         let dlq = match &op.dlq {
-            Some(d) => match DlqConfig::from_policy(d, &|t, p| expand(t, &format!("{place}, {p}"), options)) {
+            Some(d) => match DlqConfig::from_policy(d, &|t, p| {
+                expand(t, &format!("{place}, {p}"), options)
+            }) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     errors.push(e);
@@ -379,9 +381,9 @@ fn fallback_of(
         stale: c.stale.to_std(),
         very_stale: c.very_stale.to_std(),
         key: c.key.clone(),
-        max_entries: c
-            .max_entries
-            .map_or(DEFAULT_MAX_ENTRIES, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        max_entries: c.max_entries.map_or(DEFAULT_MAX_ENTRIES, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        }),
     });
     let memory = match (before.and_then(|b| b.fallback.as_ref()), &cache) {
         (Some(old), Some(new)) if old.cache.as_ref() == Some(new) => Arc::clone(&old.memory),

@@ -149,7 +149,11 @@ impl Metrics {
             generation_loaded: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("invokes", "Invokes by operation, status and code", m.invokes.clone());
+        registry.register(
+            "invokes",
+            "Invokes by operation, status and code",
+            m.invokes.clone(),
+        );
         registry.register(
             "invoke_duration_seconds",
             "Invoke latency by operation",
@@ -201,7 +205,11 @@ impl Metrics {
             "Dead letters delivered by redrive, by operation",
             m.redelivered.clone(),
         );
-        registry.register("dlq_parked", "Dead letters parked, by operation", m.parked.clone());
+        registry.register(
+            "dlq_parked",
+            "Dead letters parked, by operation",
+            m.parked.clone(),
+        );
         registry.register(
             "dlq_alert_failures",
             "Alert webhooks that could not be delivered",
@@ -212,7 +220,11 @@ impl Metrics {
             "Upstream probe result (1 passing, 0 failing)",
             m.probe_up.clone(),
         );
-        registry.register("reloads", "Policy reload attempts by result", m.reloads.clone());
+        registry.register(
+            "reloads",
+            "Policy reload attempts by result",
+            m.reloads.clone(),
+        );
         registry.register(
             "reload_duration_seconds",
             "Policy reload duration",

@@ -208,14 +208,21 @@ struct ActiveCall<'a>(&'a Runtime);
 
 impl<'a> ActiveCall<'a> {
     fn new(runtime: &'a Runtime) -> Self {
-        runtime.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        runtime
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         ActiveCall(runtime)
     }
 }
 
 impl Drop for ActiveCall<'_> {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+        if self
+            .0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
             self.0.idle.notify_waiters();
         }
     }
@@ -251,7 +258,10 @@ impl Runtime {
             return;
         };
         let compiled = self.compiled();
-        let mut watched = self.watched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut watched = self
+            .watched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Forget breakers no longer serving, so a new one at a reused address is watched.
         let live: std::collections::HashSet<usize> = compiled
             .operations
@@ -401,8 +411,15 @@ impl Runtime {
         };
         // Unknown operation names come from callers: one label set for all,
         // so a scan of random names cannot grow the registry without bound.
-        let known = !matches!(&invoked.answer, Answer::Failed(InvokeError::UnknownOperation(_)));
-        let operation = if known { invoked.operation.as_str() } else { "(unknown)" };
+        let known = !matches!(
+            &invoked.answer,
+            Answer::Failed(InvokeError::UnknownOperation(_))
+        );
+        let operation = if known {
+            invoked.operation.as_str()
+        } else {
+            "(unknown)"
+        };
         m.invokes
             .get_or_create(&crate::metrics::OutcomeLabels {
                 operation: operation.to_owned(),
@@ -445,7 +462,12 @@ impl Runtime {
         let started = tokio::time::Instant::now();
         let compiled = self.compiled();
         let Some(pipeline) = compiled.operations.get(operation) else {
-            return refused(operation, started, None, InvokeError::UnknownOperation(operation.into()));
+            return refused(
+                operation,
+                started,
+                None,
+                InvokeError::UnknownOperation(operation.into()),
+            );
         };
         let breaker = Some(pipeline.breaker.state());
         if let Err(e) = check_params(pipeline, &request.params) {
@@ -493,14 +515,24 @@ impl Runtime {
                 Joined::Lead(leader) => break leader,
                 Joined::Conflict => {
                     return with_meta(
-                        refused(name, started, Some(pipeline.breaker.state()), InvokeError::IdempotencyConflict),
+                        refused(
+                            name,
+                            started,
+                            Some(pipeline.breaker.state()),
+                            InvokeError::IdempotencyConflict,
+                        ),
                         meta(false),
                     );
                 }
                 Joined::Follow(receiver) => {
                     if pipeline.idempotency.on_concurrent == OnConcurrent::Reject {
                         return with_meta(
-                            refused(name, started, Some(pipeline.breaker.state()), InvokeError::InFlight),
+                            refused(
+                                name,
+                                started,
+                                Some(pipeline.breaker.state()),
+                                InvokeError::InFlight,
+                            ),
                             meta(false),
                         );
                     }
@@ -542,11 +574,19 @@ impl Runtime {
                 && record.expires_at > now
             {
                 if record.fingerprint != fingerprint {
-                    return refused(name, started, Some(pipeline.breaker.state()), InvokeError::IdempotencyConflict);
+                    return refused(
+                        name,
+                        started,
+                        Some(pipeline.breaker.state()),
+                        InvokeError::IdempotencyConflict,
+                    );
                 }
                 let answer = match record.state {
                     IdempotencyState::Completed(response) => Some(replay_answer(response)),
-                    IdempotencyState::Queued { dlq_id } => Some(Answer::Queued { dlq_id, cause: None }),
+                    IdempotencyState::Queued { dlq_id } => Some(Answer::Queued {
+                        dlq_id,
+                        cause: None,
+                    }),
                     IdempotencyState::InFlight { .. } => None,
                 };
                 if let Some(answer) = answer {
@@ -585,15 +625,28 @@ impl Runtime {
                 Ok(Claim::Existing(record)) => record,
             };
             if record.fingerprint != fingerprint {
-                return refused(name, started, Some(pipeline.breaker.state()), InvokeError::IdempotencyConflict);
+                return refused(
+                    name,
+                    started,
+                    Some(pipeline.breaker.state()),
+                    InvokeError::IdempotencyConflict,
+                );
             }
             let answer = match record.state {
                 IdempotencyState::Completed(response) => replay_answer(response),
-                IdempotencyState::Queued { dlq_id } => Answer::Queued { dlq_id, cause: None },
+                IdempotencyState::Queued { dlq_id } => Answer::Queued {
+                    dlq_id,
+                    cause: None,
+                },
                 IdempotencyState::InFlight { lease_until } => {
                     // Another process runs this key.
                     if config.on_concurrent == OnConcurrent::Reject {
-                        return refused(name, started, Some(pipeline.breaker.state()), InvokeError::InFlight);
+                        return refused(
+                            name,
+                            started,
+                            Some(pipeline.breaker.state()),
+                            InvokeError::InFlight,
+                        );
                     }
                     let wait = Duration::from_millis(
                         u64::try_from(lease_until.saturating_sub(now)).unwrap_or(0),
@@ -618,9 +671,15 @@ impl Runtime {
         let invoked = self.protected(pipeline, request, Some(key)).await;
         let expires = self.clock.after(config.ttl);
         let kept = match &invoked.answer {
-            Answer::Ok(response) => self.store.idempotency_complete(name, key, response, expires).await,
+            Answer::Ok(response) => {
+                self.store
+                    .idempotency_complete(name, key, response, expires)
+                    .await
+            }
             Answer::Queued { dlq_id, .. } => {
-                self.store.idempotency_queue(name, key, *dlq_id, expires).await
+                self.store
+                    .idempotency_queue(name, key, *dlq_id, expires)
+                    .await
             }
             // A non-retryable upstream answer (a 4xx) is the call's result:
             // replay it rather than send the same bad request again.
@@ -643,7 +702,12 @@ impl Runtime {
     }
 
     /// The pipeline, then the DLQ or the fallback when it fails.
-    async fn protected(&self, pipeline: &Pipeline, request: &InvokeRequest, key: Option<&str>) -> Invoked {
+    async fn protected(
+        &self,
+        pipeline: &Pipeline,
+        request: &InvokeRequest,
+        key: Option<&str>,
+    ) -> Invoked {
         let first_attempt_at = self.clock.now();
         let invocation = Invocation {
             params: request.params.clone(),
@@ -774,14 +838,20 @@ impl Runtime {
                 }
             };
         }
-        if transient && let Some(answer) = self.fallback(pipeline, &request.params, &failure).await {
+        if transient && let Some(answer) = self.fallback(pipeline, &request.params, &failure).await
+        {
             return answer;
         }
         Answer::Failed(InvokeError::Failure(failure))
     }
 
     /// The cached (memory, then store) or static answer for a failed call.
-    async fn fallback(&self, pipeline: &Pipeline, params: &Value, cause: &Failure) -> Option<Answer> {
+    async fn fallback(
+        &self,
+        pipeline: &Pipeline,
+        params: &Value,
+        cause: &Failure,
+    ) -> Option<Answer> {
         let fallback = pipeline.fallback.as_ref()?;
         if let Some(config) = &fallback.cache
             && let Ok(key) = config.key_of(params)
@@ -879,8 +949,8 @@ fn replay_answer(response: StoredResponse) -> Answer {
     {
         headers.insert(http::header::CONTENT_TYPE, ct);
     }
-    let status = http::StatusCode::from_u16(response.status)
-        .unwrap_or(http::StatusCode::BAD_GATEWAY);
+    let status =
+        http::StatusCode::from_u16(response.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
     Answer::Failed(InvokeError::Failure(Failure::Status(Box::new(Reply {
         status,
         headers,

@@ -70,7 +70,11 @@ async fn run_case(keys: Vec<u8>, faults: Vec<Fault>) -> Result<(), TestCaseError
     }
     script.always(step(Fault::Ok));
     let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
-    let runtime = Runtime::new(compile_script(OPS, &script, None), store.clone(), Clock::new());
+    let runtime = Runtime::new(
+        compile_script(OPS, &script, None),
+        store.clone(),
+        Clock::new(),
+    );
 
     // Every call at once: duplicates of a key race each other.
     let calls: Vec<_> = keys
@@ -80,10 +84,13 @@ async fn run_case(keys: Vec<u8>, faults: Vec<Fault>) -> Result<(), TestCaseError
             let id = format!("row-{k}");
             tokio::spawn(async move {
                 let out = runtime
-                    .invoke("push", InvokeRequest {
-                        params: json!({"id": id}),
-                        ..InvokeRequest::default()
-                    })
+                    .invoke(
+                        "push",
+                        InvokeRequest {
+                            params: json!({"id": id}),
+                            ..InvokeRequest::default()
+                        },
+                    )
                     .await;
                 (id, out)
             })
@@ -96,7 +103,9 @@ async fn run_case(keys: Vec<u8>, faults: Vec<Fault>) -> Result<(), TestCaseError
             Answer::Ok(_) => End::Delivered,
             Answer::Queued { dlq_id, .. } => End::Queued(dlq_id),
             Answer::Failed(e) => End::Refused(e.code()),
-            Answer::Fallback { .. } => return Err(TestCaseError::fail("no fallback is configured")),
+            Answer::Fallback { .. } => {
+                return Err(TestCaseError::fail("no fallback is configured"));
+            }
         };
         ends.push((id, end));
     }
@@ -120,10 +129,13 @@ async fn run_case(keys: Vec<u8>, faults: Vec<Fault>) -> Result<(), TestCaseError
     }
 
     let entries = store
-        .dlq_list(&DlqFilter::default(), PageRequest {
-            after: None,
-            limit: 10_000,
-        })
+        .dlq_list(
+            &DlqFilter::default(),
+            PageRequest {
+                after: None,
+                limit: 10_000,
+            },
+        )
         .await
         .expect("list")
         .entries;
@@ -136,9 +148,9 @@ async fn run_case(keys: Vec<u8>, faults: Vec<Fault>) -> Result<(), TestCaseError
         match end {
             End::Delivered => {}
             End::Queued(dlq_id) => {
-                let entry = by_id
-                    .get(dlq_id)
-                    .ok_or_else(|| TestCaseError::fail(format!("{id}: dead letter {dlq_id} is lost")))?;
+                let entry = by_id.get(dlq_id).ok_or_else(|| {
+                    TestCaseError::fail(format!("{id}: dead letter {dlq_id} is lost"))
+                })?;
                 // Delivered, or parked when the upstream refused it for
                 // good during redrive (a scripted 400 can come late).
                 prop_assert!(
@@ -169,7 +181,11 @@ async fn run_case(keys: Vec<u8>, faults: Vec<Fault>) -> Result<(), TestCaseError
         .map(|(id, _)| id)
         .collect();
     let delivered_keys = delivered.values().filter(|n| **n == 1).count();
-    prop_assert_eq!(accepted.len(), delivered_keys, "accepted keys vs. delivered keys");
+    prop_assert_eq!(
+        accepted.len(),
+        delivered_keys,
+        "accepted keys vs. delivered keys"
+    );
     // Every upstream request carried the key (derived from the row id).
     prop_assert!(script.seen().iter().all(|s| s.key.is_some()));
     store.close().await.expect("close");

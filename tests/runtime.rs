@@ -123,22 +123,35 @@ async fn completed_keys_replay_until_their_ttl() {
     let rig = rig().await;
     rig.script.then(Step::Reply(201, json!({"n": 1})));
     rig.script.then(Step::Reply(201, json!({"n": 2})));
-    let first = rig.runtime.invoke("enrich", call(json!({"email": "a@b.co"}))).await;
+    let first = rig
+        .runtime
+        .invoke("enrich", call(json!({"email": "a@b.co"})))
+        .await;
     assert_eq!(body(&first), json!({"n": 1}));
     assert!(!replayed(&first));
     let meta = first.idempotency.clone().expect("keyed");
     assert!(meta.derived);
     assert_eq!(meta.key.len(), 64);
-    assert_eq!(rig.script.seen()[0].key.as_deref(), Some(meta.key.as_str()), "forwarded upstream");
+    assert_eq!(
+        rig.script.seen()[0].key.as_deref(),
+        Some(meta.key.as_str()),
+        "forwarded upstream"
+    );
 
-    let again = rig.runtime.invoke("enrich", call(json!({"email": "a@b.co"}))).await;
+    let again = rig
+        .runtime
+        .invoke("enrich", call(json!({"email": "a@b.co"})))
+        .await;
     assert_eq!(body(&again), json!({"n": 1}));
     assert!(replayed(&again));
     assert_eq!(again.attempts, 0);
     assert_eq!(rig.script.hits(), 1);
 
     tokio::time::advance(Duration::from_secs(3601)).await;
-    let later = rig.runtime.invoke("enrich", call(json!({"email": "a@b.co"}))).await;
+    let later = rig
+        .runtime
+        .invoke("enrich", call(json!({"email": "a@b.co"})))
+        .await;
     assert_eq!(body(&later), json!({"n": 2}), "expired: a new call");
     assert!(!replayed(&later));
     assert_eq!(rig.script.hits(), 2);
@@ -168,7 +181,10 @@ async fn the_same_key_with_other_params_is_a_conflict() {
         params: json!({"email": "a@b.co", "note": "x"}),
         ..key
     };
-    assert_eq!(error_code(&rig.runtime.invoke("enrich", noted).await), "idempotency_conflict");
+    assert_eq!(
+        error_code(&rig.runtime.invoke("enrich", noted).await),
+        "idempotency_conflict"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,14 +192,18 @@ async fn reject_answers_a_duplicate_in_flight_at_once() {
     let rig = rig().await;
     rig.script.hold();
     let runtime = Arc::clone(&rig.runtime);
-    let leader = tokio::spawn(async move { runtime.invoke("strict", call(json!({"id": "1"}))).await });
+    let leader =
+        tokio::spawn(async move { runtime.invoke("strict", call(json!({"id": "1"}))).await });
     while rig.script.hits() == 0 {
         tokio::task::yield_now().await;
     }
     let dup = rig.runtime.invoke("strict", call(json!({"id": "1"}))).await;
     assert_eq!(error_code(&dup), "idempotency_in_flight");
     rig.script.release(1);
-    assert!(matches!(leader.await.expect("leader").answer, Answer::Ok(_)));
+    assert!(matches!(
+        leader.await.expect("leader").answer,
+        Answer::Ok(_)
+    ));
     assert_eq!(rig.script.hits(), 1);
 }
 
@@ -199,14 +219,18 @@ async fn refusals_and_retryable_failures_are_not_stored() {
     let failed = rig.runtime.invoke("strict", call(json!({"id": "7"}))).await;
     assert_eq!(error_code(&failed), "upstream_status");
     let ok = rig.runtime.invoke("strict", call(json!({"id": "7"}))).await;
-    assert!(matches!(ok.answer, Answer::Ok(_)), "a later try runs: {ok:?}");
+    assert!(
+        matches!(ok.answer, Answer::Ok(_)),
+        "a later try runs: {ok:?}"
+    );
     assert_eq!(rig.script.hits(), 2);
 }
 
 #[tokio::test]
 async fn a_permanent_upstream_error_is_replayed_not_resent() {
     let rig = rig().await;
-    rig.script.then(Step::Reply(400, json!({"error": "bad row"})));
+    rig.script
+        .then(Step::Reply(400, json!({"error": "bad row"})));
     let first = rig.runtime.invoke("strict", call(json!({"id": "9"}))).await;
     assert_eq!(error_code(&first), "upstream_status");
     let again = rig.runtime.invoke("strict", call(json!({"id": "9"}))).await;
@@ -232,7 +256,14 @@ async fn a_crashed_claim_is_taken_over_when_its_lease_ends() {
     // A claim left by a process that died mid-call, lease 10s.
     let claim = rig
         .store
-        .idempotency_claim("strict", key, &fingerprint, now, now + 10_000, now + 3_600_000)
+        .idempotency_claim(
+            "strict",
+            key,
+            &fingerprint,
+            now,
+            now + 10_000,
+            now + 3_600_000,
+        )
         .await
         .expect("claim");
     assert_eq!(claim, Claim::Claimed);
@@ -258,25 +289,37 @@ async fn keys_are_checked() {
         idempotency_key: Some("has space".into()),
         priority: None,
     };
-    assert_eq!(error_code(&rig.runtime.invoke("enrich", bad).await), "bad_idempotency_key");
+    assert_eq!(
+        error_code(&rig.runtime.invoke("enrich", bad).await),
+        "bad_idempotency_key"
+    );
     let long = InvokeRequest {
         params: json!({"email": "a@b.co"}),
         idempotency_key: Some("k".repeat(256)),
         priority: None,
     };
-    assert_eq!(error_code(&rig.runtime.invoke("enrich", long).await), "bad_idempotency_key");
+    assert_eq!(
+        error_code(&rig.runtime.invoke("enrich", long).await),
+        "bad_idempotency_key"
+    );
     assert_eq!(rig.script.hits(), 0);
 }
 
 #[tokio::test]
 async fn params_are_checked_against_the_schema() {
     let rig = rig().await;
-    let out = rig.runtime.invoke("enrich", call(json!({"email": 5}))).await;
+    let out = rig
+        .runtime
+        .invoke("enrich", call(json!({"email": 5})))
+        .await;
     match &out.answer {
         Answer::Failed(InvokeError::InvalidParams { path, .. }) => assert_eq!(path, "/email"),
         other => panic!("expected invalid params, got {other:?}"),
     }
-    let out = rig.runtime.invoke("enrich", call(json!({"email": "not-an-email"}))).await;
+    let out = rig
+        .runtime
+        .invoke("enrich", call(json!({"email": "not-an-email"})))
+        .await;
     assert_eq!(error_code(&out), "invalid_params");
     let out = rig.runtime.invoke("enrich", call(json!({}))).await;
     assert_eq!(error_code(&out), "invalid_params");
@@ -303,14 +346,19 @@ async fn fallback_serves_cached_answers_by_staleness_then_static() {
         let params = json!({"email": "ada@x.io", "note": note});
         let out = rig
             .runtime
-            .invoke("enrich", InvokeRequest {
-                params,
-                idempotency_key: Some(format!("k-{note}")),
-                priority: None,
-            })
+            .invoke(
+                "enrich",
+                InvokeRequest {
+                    params,
+                    idempotency_key: Some(format!("k-{note}")),
+                    priority: None,
+                },
+            )
             .await;
         match &out.answer {
-            Answer::Fallback { staleness, cause, .. } => {
+            Answer::Fallback {
+                staleness, cause, ..
+            } => {
                 assert_eq!(cause.code(), "upstream_status");
                 seen.push((*staleness, body(&out)));
             }
@@ -336,8 +384,14 @@ async fn the_fallback_cache_survives_a_restart() {
     script.then(Step::Reply(200, json!({"name": "Grace"})));
     {
         let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
-        let runtime = Runtime::new(compile_script(OPS, &script, None), store.clone(), Clock::new());
-        let ok = runtime.invoke("enrich", call(json!({"email": "g@x.io"}))).await;
+        let runtime = Runtime::new(
+            compile_script(OPS, &script, None),
+            store.clone(),
+            Clock::new(),
+        );
+        let ok = runtime
+            .invoke("enrich", call(json!({"email": "g@x.io"})))
+            .await;
         assert!(matches!(ok.answer, Answer::Ok(_)));
         store.close().await.expect("close flushes the cache write");
     }
@@ -345,14 +399,19 @@ async fn the_fallback_cache_survives_a_restart() {
     let store = Arc::new(SqliteStore::open(dir.path()).await.expect("reopen"));
     let runtime = Runtime::new(compile_script(OPS, &script, None), store, Clock::new());
     let out = runtime
-        .invoke("enrich", InvokeRequest {
-            params: json!({"email": "g@x.io"}),
-            idempotency_key: Some("after-restart".into()),
-            priority: None,
-        })
+        .invoke(
+            "enrich",
+            InvokeRequest {
+                params: json!({"email": "g@x.io"}),
+                idempotency_key: Some("after-restart".into()),
+                priority: None,
+            },
+        )
         .await;
     match &out.answer {
-        Answer::Fallback { staleness, cause, .. } => {
+        Answer::Fallback {
+            staleness, cause, ..
+        } => {
             assert_eq!(*staleness, Staleness::Fresh);
             assert_eq!(cause.code(), "connect_error");
         }
@@ -365,15 +424,21 @@ async fn the_fallback_cache_survives_a_restart() {
 async fn client_errors_are_not_degraded_to_fallbacks() {
     let rig = rig().await;
     rig.script.then(Step::Reply(200, json!({"name": "Ada"})));
-    rig.runtime.invoke("enrich", call(json!({"email": "ada@x.io"}))).await;
-    rig.script.then(Step::Reply(404, json!({"error": "no such person"})));
+    rig.runtime
+        .invoke("enrich", call(json!({"email": "ada@x.io"})))
+        .await;
+    rig.script
+        .then(Step::Reply(404, json!({"error": "no such person"})));
     let out = rig
         .runtime
-        .invoke("enrich", InvokeRequest {
-            params: json!({"email": "ada@x.io"}),
-            idempotency_key: Some("another-call".into()),
-            priority: None,
-        })
+        .invoke(
+            "enrich",
+            InvokeRequest {
+                params: json!({"email": "ada@x.io"}),
+                idempotency_key: Some("another-call".into()),
+                priority: None,
+            },
+        )
         .await;
     assert_eq!(error_code(&out), "upstream_status");
 }
@@ -398,13 +463,19 @@ async fn an_open_breaker_still_replays_but_writes_no_claim() {
     let op = Arc::clone(&rig.runtime.compiled().operations["strict"]);
     op.breaker.force_open();
     let again = rig.runtime.invoke("strict", call(json!({"id": "a"}))).await;
-    assert!(matches!(again.answer, Answer::Ok(_)), "a stored answer replays: {again:?}");
+    assert!(
+        matches!(again.answer, Answer::Ok(_)),
+        "a stored answer replays: {again:?}"
+    );
     assert!(replayed(&again));
     let refused = rig.runtime.invoke("strict", call(json!({"id": "b"}))).await;
     assert_eq!(error_code(&refused), "breaker_open");
     let key = refused.idempotency.expect("keyed").key;
     assert_eq!(
-        rig.store.idempotency_get("strict", &key).await.expect("read"),
+        rig.store
+            .idempotency_get("strict", &key)
+            .await
+            .expect("read"),
         None,
         "no claim was written for a call that was never sent"
     );

@@ -87,11 +87,7 @@ impl ApiError {
     pub fn problem(&self) -> Problem {
         Problem {
             kind: format!("https://claygate.dev/problems/{}", self.code),
-            title: self
-                .status
-                .canonical_reason()
-                .unwrap_or("Error")
-                .to_owned(),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
             status: self.status.as_u16(),
             detail: self.detail.clone(),
             code: self.code.to_owned(),
@@ -119,7 +115,11 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store error");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
     }
 }
 
@@ -135,7 +135,10 @@ pub fn invoke_error(e: &InvokeError) -> ApiError {
         InvokeError::BadIdempotencyKey(_) => (StatusCode::BAD_REQUEST, None),
         InvokeError::IdempotencyConflict => (StatusCode::UNPROCESSABLE_ENTITY, None),
         InvokeError::InFlight => (StatusCode::CONFLICT, Some(Duration::from_secs(1))),
-        InvokeError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(1))),
+        InvokeError::Store(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(1)),
+        ),
         InvokeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
         InvokeError::Failure(f) => failure_status(f),
     };
@@ -158,7 +161,9 @@ pub fn invoke_error(e: &InvokeError) -> ApiError {
 /// Status and `Retry-After` of a pipeline failure.
 pub fn failure_status(f: &Failure) -> (StatusCode, Option<Duration>) {
     match f {
-        Failure::BreakerOpen { retry_after } => (StatusCode::SERVICE_UNAVAILABLE, Some(*retry_after)),
+        Failure::BreakerOpen { retry_after } => {
+            (StatusCode::SERVICE_UNAVAILABLE, Some(*retry_after))
+        }
         Failure::BulkheadFull { .. } | Failure::QueueTimeout { .. } => {
             (StatusCode::TOO_MANY_REQUESTS, Some(Duration::from_secs(1)))
         }
@@ -170,7 +175,10 @@ pub fn failure_status(f: &Failure) -> (StatusCode, Option<Duration>) {
             (StatusCode::BAD_GATEWAY, None)
         }
         Failure::BadParams(_) => (StatusCode::UNPROCESSABLE_ENTITY, None),
-        Failure::Interrupted => (StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(1))),
+        Failure::Interrupted => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(1)),
+        ),
         Failure::Status(reply) => match reply.status.as_u16() {
             401 | 403 | 407 | 408 | 429 => (StatusCode::BAD_GATEWAY, None),
             code @ 400..=499 => (

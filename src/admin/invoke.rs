@@ -156,7 +156,9 @@ pub async fn invoke(
                 .ok()
                 .and_then(|s| {
                     let s = s.trim();
-                    Priority::ALL.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(s))
+                    Priority::ALL
+                        .into_iter()
+                        .find(|p| p.as_str().eq_ignore_ascii_case(s))
                 })
                 .ok_or_else(|| {
                     ApiError::bad_request(
@@ -263,8 +265,10 @@ pub fn answer(invoked: Invoked) -> Response {
                 meta,
             };
             let mut r = (StatusCode::OK, axum::Json(envelope)).into_response();
-            r.headers_mut()
-                .insert(STALENESS_HEADER, HeaderValue::from_static(staleness.as_str()));
+            r.headers_mut().insert(
+                STALENESS_HEADER,
+                HeaderValue::from_static(staleness.as_str()),
+            );
             r
         }
         Answer::Queued { dlq_id, cause: why } => {

@@ -129,7 +129,9 @@ fn parts() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(policies::routes())
         .merge(events::routes())
         .split_for_parts();
-    let (open, open_api) = OpenApiRouter::new().merge(health::routes()).split_for_parts();
+    let (open, open_api) = OpenApiRouter::new()
+        .merge(health::routes())
+        .split_for_parts();
     api.merge(open_api);
     (protected, open, api)
 }
@@ -199,7 +201,11 @@ async fn problem_documents(response: Response) -> Response {
 async fn not_found(request: Request) -> ApiError {
     ApiError::not_found(
         "not_found",
-        format!("no endpoint at {} {}", request.method(), request.uri().path()),
+        format!(
+            "no endpoint at {} {}",
+            request.method(),
+            request.uri().path()
+        ),
     )
 }
 
@@ -207,7 +213,11 @@ async fn method_not_allowed(request: Request) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{} is not allowed on {}", request.method(), request.uri().path()),
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
     )
 }
 
@@ -230,10 +240,12 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         .map(|t| digest(t.trim()));
     match presented {
         Some(d) if constant_time_eq(&d, &expected) => next.run(request).await,
-        Some(_) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not valid")
-                .with_header_www_authenticate()
-        }
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not valid",
+        )
+        .with_header_www_authenticate(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -12,14 +12,14 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
-use super::fallback::Fallback;
-use super::idempotency::IdempotencyConfig;
-use crate::dlq::DlqConfig;
 use super::bulkhead::Bulkhead;
+use super::fallback::Fallback;
 use super::http::{CompiledRequest, HttpConfig, Rendered, Transport};
+use super::idempotency::IdempotencyConfig;
 use super::rate_limit::RateLimiter;
 use super::retry::{self, RetryBudget, RetryConfig};
 use super::{Failure, Reply, Verdict, timeout};
+use crate::dlq::DlqConfig;
 use crate::policy::model::{Condition, Priority};
 
 /// What an upstream shares among its operations: the HTTP client, the

@@ -54,7 +54,9 @@ pub enum KeyError {
     #[error("idempotency key param `{0}` is missing")]
     MissingParam(String),
     /// A number that canonical JSON cannot represent exactly.
-    #[error("`{0}` holds an integer beyond 2^53, which cannot be hashed canonically; send it as a string")]
+    #[error(
+        "`{0}` holds an integer beyond 2^53, which cannot be hashed canonically; send it as a string"
+    )]
     UnsafeNumber(String),
 }
 

@@ -38,13 +38,17 @@ pub enum StoreError {
         reason: String,
     },
     /// Another process holds the database.
-    #[error("the store at {path} is locked by another process (is another claygate running with this data directory?)")]
+    #[error(
+        "the store at {path} is locked by another process (is another claygate running with this data directory?)"
+    )]
     Locked {
         /// The database file.
         path: String,
     },
     /// The file was written by a newer claygate.
-    #[error("the store at {path} has schema version {found}, newer than the {supported} this claygate knows: upgrade claygate or use another data directory")]
+    #[error(
+        "the store at {path} has schema version {found}, newer than the {supported} this claygate knows: upgrade claygate or use another data directory"
+    )]
     TooNew {
         /// The database file.
         path: String,

@@ -122,7 +122,9 @@ impl Script {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -168,9 +170,11 @@ impl Transport for Script {
             self.lock().seen[index].status = status;
             match step {
                 Step::Reply(status, body) => Ok(reply(status, Bytes::from(body.to_string()), None)),
-                Step::ReplyWith(status, name, value) => {
-                    Ok(reply(status, Bytes::from_static(b"{}"), Some((name, value))))
-                }
+                Step::ReplyWith(status, name, value) => Ok(reply(
+                    status,
+                    Bytes::from_static(b"{}"),
+                    Some((name, value)),
+                )),
                 Step::Refuse => Err(Failure::Connect("connection refused".into())),
                 Step::Hang => std::future::pending().await,
             }

@@ -48,7 +48,10 @@ pub async fn start(files: &[(&str, &str)], upstream: &str, options: Options) -> 
         )
         .expect("write policy");
     }
-    let data = options.data.clone().unwrap_or_else(|| data_dir.path().to_path_buf());
+    let data = options
+        .data
+        .clone()
+        .unwrap_or_else(|| data_dir.path().to_path_buf());
     let server = Server::start(ServeConfig {
         policies: vec![policies_dir.path().to_path_buf()],
         data: data.clone(),
