@@ -426,6 +426,15 @@ fn record(runtime: &Runtime, probes: &Probes, upstream: &str, probe: &str, obser
             upstream: upstream.to_owned(),
         })
         .set(i64::from(observed.ok));
+    if observed.ok {
+        // A passing probe serves as the half-open trial of the upstream's
+        // open breakers, so an operation without traffic recovers too.
+        for (name, pipeline) in &runtime.compiled().operations {
+            if pipeline.upstream.name == upstream && pipeline.breaker.probe_passed() {
+                tracing::info!(operation = %name, upstream, "breaker closed by a passing probe");
+            }
+        }
+    }
     probes.record(
         upstream,
         ProbeResult {

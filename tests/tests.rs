@@ -7,6 +7,7 @@ mod cli;
 mod conservation;
 mod corpus;
 mod dlq;
+mod e2e;
 mod fake_clay;
 mod fuzz;
 mod health;

@@ -177,7 +177,7 @@ pub struct Transition {
     #[serde(serialize_with = "unix_millis")]
     pub at: SystemTime,
     /// Why: `failure_threshold`, `slow_call_threshold`,
-    /// `reset_timeout_elapsed`, `trials_succeeded`, `trial_failed`,
+    /// `reset_timeout_elapsed`, `trials_succeeded`, `probe_passed`, `trial_failed`,
     /// `half_open_max_wait`, `force_open`, `force_closed` or `reset`.
     pub reason: &'static str,
 }
@@ -530,6 +530,30 @@ impl Breaker {
             rejected: self.rejected.load(Ordering::Relaxed),
             would_have_rejected: self.would_have_rejected.load(Ordering::Relaxed),
             half_open_trials_in_flight: in_flight,
+        }
+    }
+
+    /// A passing upstream probe serves as the trial, so no user call is
+    /// spent on it: an open breaker whose reset timeout has run out closes
+    /// with a fresh window and the base reset timeout. Answers whether it
+    /// closed. A breaker still inside its reset timeout, half-open (its
+    /// trials decide), forced, or in `metrics_only` mode is left alone.
+    pub fn probe_passed(&self) -> bool {
+        if self.config.mode == BreakerMode::MetricsOnly {
+            return false;
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        match inner.phase {
+            Phase::Open { opened_at, timeout }
+                if now.saturating_duration_since(opened_at) >= timeout =>
+            {
+                Self::clear_window(&mut inner, now);
+                inner.reset_timeout = self.config.reset_timeout;
+                self.transition(&mut inner, Phase::Closed, "probe_passed");
+                true
+            }
+            _ => false,
         }
     }
 
@@ -1348,6 +1372,30 @@ mod tests {
         b.force_open();
         b.force_closed();
         assert_eq!(b.snapshot().window.calls, 0, "from forced open: fresh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_probe_closes_an_open_breaker_once_its_timeout_ran_out() {
+        let b = Breaker::new(BreakerConfig {
+            reset_timeout: SEC,
+            ..config()
+        });
+        trip(&b);
+        assert!(!b.probe_passed(), "still inside the reset timeout");
+        assert_eq!(b.state(), BreakerState::Open);
+        advance(SEC).await;
+        let mut rx = b.subscribe();
+        assert!(b.probe_passed());
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.snapshot().window.calls, 0, "a fresh window");
+        assert_eq!(
+            drain(&mut rx),
+            [(BreakerState::Open, BreakerState::Closed, "probe_passed")]
+        );
+        assert!(!b.probe_passed(), "closed: nothing to do");
+        b.force_open();
+        advance(SEC).await;
+        assert!(!b.probe_passed(), "forced open stays forced");
     }
 
     #[tokio::test(start_paused = true)]

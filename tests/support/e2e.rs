@@ -119,7 +119,8 @@ impl Reply {
 
     /// `Retry-After` in whole seconds.
     pub fn retry_after(&self) -> Option<u64> {
-        self.header("retry-after").and_then(|v| v.trim().parse().ok())
+        self.header("retry-after")
+            .and_then(|v| v.trim().parse().ok())
     }
 }
 
@@ -152,7 +153,11 @@ impl Gate {
     pub async fn start(policy: &str, fake_url: &str, watch: bool) -> Gate {
         let policies = tempfile::tempdir().expect("policies dir");
         let data = tempfile::tempdir().expect("data dir");
-        write_atomic(policies.path(), "clay.yaml", &policy.replace("{{FAKE}}", fake_url));
+        write_atomic(
+            policies.path(),
+            "clay.yaml",
+            &policy.replace("{{FAKE}}", fake_url),
+        );
         let mut cmd = claygate();
         cmd.arg("serve")
             .arg("--policies")
@@ -357,7 +362,7 @@ pub struct Webhook {
     /// Where it listens.
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Value>>>,
-    _task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Webhook {
@@ -372,7 +377,9 @@ impl Webhook {
                 async move {
                     let value = serde_json::from_slice(&body)
                         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
-                    keep.lock().unwrap_or_else(PoisonError::into_inner).push(value);
+                    keep.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(value);
                     "ok"
                 }
             }),
@@ -387,7 +394,7 @@ impl Webhook {
         Webhook {
             addr,
             received,
-            _task: task,
+            task,
         }
     }
 
@@ -407,6 +414,6 @@ impl Webhook {
 
 impl Drop for Webhook {
     fn drop(&mut self) {
-        self._task.abort();
+        self.task.abort();
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dlq;
+pub mod e2e;
 pub mod script;
 pub mod server;
 pub mod upstream;
