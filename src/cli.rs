@@ -286,32 +286,34 @@ fn admin_token() -> Result<Option<String>, String> {
     }
 }
 
+/// What `serve` and `demo` need first: logging, the admin token and the
+/// async runtime; an error is printed and answered as the exit code.
+fn server_setup(
+    format: LogFormat,
+    default_level: &str,
+) -> Result<(Option<String>, tokio::runtime::Runtime), u8> {
+    let fail = |e: String| {
+        eprintln!("claygate: {e}");
+        EXIT_USAGE
+    };
+    logging::init_or(format, default_level).map_err(|e| fail(e.to_string()))?;
+    let token = admin_token().map_err(fail)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start the async runtime: {e}")))?;
+    Ok((token, runtime))
+}
+
 fn demo(args: DemoArgs) -> u8 {
     let quiet = if args.scenario.is_some() {
         "error"
     } else {
         logging::DEFAULT_FILTER
     };
-    if let Err(e) = logging::init_or(args.log_format, quiet) {
-        eprintln!("claygate: {e}");
-        return EXIT_USAGE;
-    }
-    let token = match admin_token() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("claygate: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("claygate: cannot start the async runtime: {e}");
-            return EXIT_USAGE;
-        }
+    let (token, runtime) = match server_setup(args.log_format, quiet) {
+        Ok(setup) => setup,
+        Err(code) => return code,
     };
     let options = crate::demo::DemoOptions {
         listen: args.listen,
@@ -342,26 +344,9 @@ fn demo(args: DemoArgs) -> u8 {
 }
 
 fn serve(args: ServeArgs) -> u8 {
-    if let Err(e) = logging::init(args.log_format) {
-        eprintln!("claygate: {e}");
-        return EXIT_USAGE;
-    }
-    let token = match admin_token() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("claygate: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("claygate: cannot start the async runtime: {e}");
-            return EXIT_USAGE;
-        }
+    let (token, runtime) = match server_setup(args.log_format, logging::DEFAULT_FILTER) {
+        Ok(setup) => setup,
+        Err(code) => return code,
     };
     let code = runtime.block_on(serve_until_signalled(args, token));
     // Blocking tasks (a reload reading files) must not hold the exit.

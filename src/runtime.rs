@@ -590,18 +590,7 @@ impl Runtime {
                     IdempotencyState::InFlight { .. } => None,
                 };
                 if let Some(answer) = answer {
-                    return Invoked {
-                        operation: name.to_owned(),
-                        answer,
-                        attempts: 0,
-                        latency: started.elapsed(),
-                        breaker: Some(pipeline.breaker.state()),
-                        idempotency: Some(IdempotencyMeta {
-                            key: key.to_owned(),
-                            derived: false,
-                            replayed: true,
-                        }),
-                    };
+                    return replayed(pipeline, key, answer, started);
                 }
             }
             return self.protected(pipeline, request, Some(key)).await;
@@ -655,18 +644,7 @@ impl Runtime {
                     continue;
                 }
             };
-            return Invoked {
-                operation: name.to_owned(),
-                answer,
-                attempts: 0,
-                latency: started.elapsed(),
-                breaker: Some(pipeline.breaker.state()),
-                idempotency: Some(IdempotencyMeta {
-                    key: key.to_owned(),
-                    derived: false,
-                    replayed: true,
-                }),
-            };
+            return replayed(pipeline, key, answer, started);
         }
         let invoked = self.protected(pipeline, request, Some(key)).await;
         let expires = self.clock.after(config.ttl);
@@ -971,6 +949,27 @@ fn refused(
         latency: started.elapsed(),
         breaker,
         idempotency: None,
+    }
+}
+
+/// A stored answer of `key`, replayed: nothing was sent.
+fn replayed(
+    pipeline: &Pipeline,
+    key: &str,
+    answer: Answer,
+    started: tokio::time::Instant,
+) -> Invoked {
+    Invoked {
+        operation: pipeline.name.clone(),
+        answer,
+        attempts: 0,
+        latency: started.elapsed(),
+        breaker: Some(pipeline.breaker.state()),
+        idempotency: Some(IdempotencyMeta {
+            key: key.to_owned(),
+            derived: false,
+            replayed: true,
+        }),
     }
 }
 
