@@ -646,12 +646,21 @@ async fn an_entry_being_replayed_is_not_redriven_twice() {
 
     let runtime = Arc::clone(&rig.runtime);
     let replay = tokio::spawn(async move { dlq::replay_one(&runtime, id).await });
-    // Spinning keeps the runtime busy, so the paused clock stays put.
+    // Spinning keeps the runtime busy, so the paused clock stays put. The
+    // spin is bounded so a stuck replay fails the test instead of hanging it.
+    let mut spins: u64 = 0;
     while !rig.runtime.redrive.is_running(id) || rig.script.hits() < 2 {
         assert!(
             !replay.is_finished(),
             "the replay ended early: {:?}",
             replay.await
+        );
+        spins += 1;
+        assert!(
+            spins < 50_000_000,
+            "the replay never reached the upstream (running: {}, hits: {})",
+            rig.runtime.redrive.is_running(id),
+            rig.script.hits()
         );
         tokio::task::yield_now().await;
     }
