@@ -2,6 +2,8 @@
 //! and reloads, broadcast to whoever listens (the admin API's server-sent
 //! events, metrics, tests).
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -69,21 +71,46 @@ pub enum Event {
     },
 }
 
+/// An event with its place in the stream: ids start at 1 and grow by one
+/// per event emitted, so a listener that sees a jump knows it missed some.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Numbered {
+    /// The event's id (1, 2, 3 …, in emit order, for the process's life).
+    pub id: u64,
+    /// The event.
+    pub event: Event,
+}
+
 /// A broadcast channel of [`Event`]s; cloning shares it.
 #[derive(Debug, Clone)]
 pub struct Events {
     sender: broadcast::Sender<Event>,
+    numbered: broadcast::Sender<Numbered>,
+    // The last id given; held while sending, so ids reach listeners in order.
+    last: Arc<Mutex<u64>>,
 }
 
 impl Events {
     /// A channel with no listener yet.
     pub fn new() -> Events {
         let (sender, _) = broadcast::channel(CAPACITY);
-        Events { sender }
+        let (numbered, _) = broadcast::channel(CAPACITY);
+        Events {
+            sender,
+            numbered,
+            last: Arc::default(),
+        }
     }
 
-    /// Sends `event` to every listener; without listeners it is dropped.
+    /// Sends `event` to every listener; without listeners it is dropped
+    /// (its id is used all the same).
     pub fn emit(&self, event: Event) {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        *last += 1;
+        let _ = self.numbered.send(Numbered {
+            id: *last,
+            event: event.clone(),
+        });
         let _ = self.sender.send(event);
     }
 
@@ -91,10 +118,44 @@ impl Events {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.sender.subscribe()
     }
+
+    /// A receiver of every event from now on, with its id.
+    pub fn subscribe_numbered(&self) -> broadcast::Receiver<Numbered> {
+        self.numbered.subscribe()
+    }
 }
 
 impl Default for Events {
     fn default() -> Self {
         Events::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reload(n: u64) -> Event {
+        Event::Reload {
+            applied: true,
+            generation: format!("g{n}"),
+            errors: Vec::new(),
+            at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn ids_grow_by_one_per_event_including_unheard_ones() {
+        let events = Events::new();
+        events.emit(reload(0));
+        let mut numbered = events.subscribe_numbered();
+        let mut plain = events.subscribe();
+        events.emit(reload(1));
+        events.emit(reload(2));
+        let first = numbered.recv().await.expect("an event");
+        let second = numbered.recv().await.expect("an event");
+        assert_eq!((first.id, second.id), (2, 3), "the unheard first took id 1");
+        assert_eq!(first.event, reload(1));
+        assert_eq!(plain.recv().await.expect("an event"), reload(1));
     }
 }

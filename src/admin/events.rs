@@ -1,8 +1,11 @@
 //! `GET /v1/events`: the runtime's events as server-sent events.
 //!
 //! Each [`Event`] becomes one SSE event whose `event:` is its `type`
-//! (`breaker`, `dead_lettered`, `delivered`, `parked`, `reload`) and whose
-//! `data:` is the event as JSON. The stream opens with a `retry:` hint and a
+//! (`breaker`, `dead_lettered`, `delivered`, `parked`, `reload`), whose
+//! `id:` is its number in the process's event stream (1, 2, 3 …: a jump
+//! means events were missed, e.g. while disconnected) and whose `data:` is
+//! the event as JSON. `Last-Event-ID` is not replayed: the stream starts
+//! with the events after the client connects. The stream opens with a `retry:` hint and a
 //! `subscribed` comment (so a client knows it is listening), sends a
 //! keep-alive comment when idle, and ends when the server begins to drain.
 //!
@@ -22,7 +25,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use crate::events::Event;
+use crate::events::Numbered;
 
 /// How long a client waits before reconnecting (the `retry:` hint).
 pub const RETRY: Duration = Duration::from_secs(3);
@@ -35,15 +38,18 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(events))
 }
 
-/// The SSE form of an event: `event:` its type, `data:` its JSON.
-fn to_sse(event: &Event) -> SseEvent {
-    let value = match serde_json::to_value(event) {
+/// The SSE form of an event: `event:` its type, `id:` its number, `data:` its JSON.
+fn to_sse(numbered: &Numbered) -> SseEvent {
+    let value = match serde_json::to_value(&numbered.event) {
         Ok(v) => v,
         Err(e) => {
-            return SseEvent::default().event("error").data(
-                json!({ "type": "error", "message": format!("cannot encode an event: {e}") })
-                    .to_string(),
-            );
+            return SseEvent::default()
+                .event("error")
+                .id(numbered.id.to_string())
+                .data(
+                    json!({ "type": "error", "message": format!("cannot encode an event: {e}") })
+                        .to_string(),
+                );
         }
     };
     let kind = value
@@ -51,7 +57,10 @@ fn to_sse(event: &Event) -> SseEvent {
         .and_then(|t| t.as_str())
         .unwrap_or("event")
         .to_owned();
-    SseEvent::default().event(kind).data(value.to_string())
+    SseEvent::default()
+        .event(kind)
+        .id(numbered.id.to_string())
+        .data(value.to_string())
 }
 
 /// Said to a listener that fell behind by `missed` events.
@@ -73,7 +82,7 @@ fn lagged(missed: u64) -> SseEvent {
     path = "/v1/events",
     tag = "events",
     responses(
-        (status = 200, description = "Server-sent events: `event:` is the type (`breaker`, `dead_lettered`, `delivered`, `parked`, `reload`, or `lagged` when this listener missed events), `data:` the event as JSON", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "Server-sent events: `event:` is the type (`breaker`, `dead_lettered`, `delivered`, `parked`, `reload`, or `lagged` when this listener missed events), `id:` the event's number (growing by one per event: a jump means missed events), `data:` the event as JSON", body = String, content_type = "text/event-stream"),
     )
 )]
 pub async fn events(
@@ -81,7 +90,7 @@ pub async fn events(
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     // Subscribed before the response starts: every event after the client
     // sees the headers reaches it.
-    let receiver = state.runtime().events.subscribe();
+    let receiver = state.runtime().events.subscribe_numbered();
     let mut check = tokio::time::interval(DRAIN_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hello = SseEvent::default().retry(RETRY).comment("subscribed");
