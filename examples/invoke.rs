@@ -21,6 +21,14 @@ use serde_json::Value;
 
 const DEFAULT_URL: &str = "http://127.0.0.1:7700";
 
+/// Characters encoded in a path segment: controls, space, and those that
+/// would end or split it (RFC 3986 keeps only unreserved ones and `-._~` as is).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -43,8 +51,11 @@ async fn main() -> ExitCode {
         }
     };
     let base = std::env::var("CLAYGATE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    // The name is one path segment: encoded, so `a/b` or `a?b` cannot
+    // reach another endpoint.
+    let segment = percent_encoding::utf8_percent_encode(operation, SEGMENT);
     let url = format!(
-        "{}/v1/operations/{operation}/invoke",
+        "{}/v1/operations/{segment}/invoke",
         base.trim_end_matches('/')
     );
 
