@@ -18,18 +18,19 @@ pub mod invoke;
 pub mod operations;
 pub mod policies;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_axum::router::OpenApiRouter;
 
 use self::error::{ApiError, rejection};
@@ -60,6 +61,8 @@ pub struct Shared {
     pub token: Option<[u8; 32]>,
     /// Set when shutdown begins: readiness fails, new invokes are refused.
     pub draining: AtomicBool,
+    /// Set while a watcher reloads the policies on change.
+    pub watching: AtomicBool,
 }
 
 impl AppState {
@@ -77,6 +80,7 @@ impl AppState {
                 probes,
                 token: token.map(|t| digest(t.trim())),
                 draining: AtomicBool::new(false),
+                watching: AtomicBool::new(false),
             }),
         }
     }
@@ -129,11 +133,53 @@ fn parts() -> (Router<AppState>, Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(policies::routes())
         .merge(events::routes())
         .split_for_parts();
+    document_unauthorized(&mut api);
     let (open, open_api) = OpenApiRouter::new()
         .merge(health::routes())
         .split_for_parts();
     api.merge(open_api);
     (protected, open, api)
+}
+
+/// Adds the 401 answer (one shared `Unauthorized` response) to every
+/// operation of `api`, all behind the token check: no handler's annotation
+/// needs to repeat it, and none can forget it.
+fn document_unauthorized(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let unauthorized = ResponseBuilder::new()
+        .description(
+            "No `Authorization: Bearer <token>`, or a wrong one, while CLAYGATE_ADMIN_TOKEN is set (`WWW-Authenticate: Bearer`)",
+        )
+        .content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build();
+    api.components
+        .get_or_insert_with(Default::default)
+        .responses
+        .insert("Unauthorized".to_owned(), RefOr::T(unauthorized));
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ];
+        for operation in operations.into_iter().flatten() {
+            operation
+                .responses
+                .responses
+                .entry("401".to_owned())
+                .or_insert_with(|| RefOr::Ref(Ref::from_response_name("Unauthorized")));
+        }
+    }
 }
 
 /// The OpenAPI description of the API.
@@ -159,7 +205,30 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::map_response(problem_documents))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(safety_net())
         .with_state(state)
+}
+
+/// The outermost layer: a handler that panics answers a 500 problem
+/// document with code `internal` instead of a dropped connection. The panic
+/// text goes to the log only: it may hold anything, a secret included.
+pub fn safety_net() -> CatchPanicLayer<fn(Box<dyn Any + Send + 'static>) -> Response> {
+    CatchPanicLayer::custom(panic_answer as fn(Box<dyn Any + Send + 'static>) -> Response)
+}
+
+fn panic_answer(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    tracing::error!(panic = %text, "a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "claygate failed while answering this request; the error is in its log",
+    )
+    .into_response()
 }
 
 /// Paths that stay open with a token configured: orchestrators and
@@ -236,8 +305,8 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| digest(t.trim()));
+        .and_then(bearer_token)
+        .map(digest);
     match presented {
         Some(d) if constant_time_eq(&d, &expected) => next.run(request).await,
         Some(_) => ApiError::new(
@@ -266,6 +335,14 @@ impl ApiError {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 9110, section 11.1), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -274,24 +351,55 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A JSON body whose rejections (bad JSON, wrong content type, too large)
-/// are problem documents with a clear message.
-pub struct ApiJson<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(rejection(r.status(), r.body_text())),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret ", "Bearer\ts3cret"] {
+            assert_eq!(bearer_token(value), Some("s3cret"), "{value:?}");
+        }
+        for value in ["Basic s3cret", "Bearer", "Bearer ", "Bearers3cret", ""] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_problem_without_the_panic_text() {
+        use tower::ServiceExt;
+        let app = Router::new()
+            .route(
+                "/boom",
+                axum::routing::get(|| async {
+                    panic!("secret-in-panic");
+                    #[allow(unreachable_code)]
+                    ""
+                }),
+            )
+            .layer(safety_net());
+        let response = app
+            .oneshot(
+                Request::builder()
+                    .uri("/boom")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("an answer, not a dropped connection");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+            Some(&b"application/problem+json"[..])
+        );
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .expect("body");
+        let problem: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(problem["code"], "internal");
+        assert_eq!(problem["status"], 500);
+        assert!(!String::from_utf8_lossy(&body).contains("secret-in-panic"));
+    }
 
     #[test]
     fn tokens_compare_by_digest() {

@@ -145,6 +145,9 @@ where
 pub struct PolicyStatus {
     /// The generation serving now.
     pub generation: GenerationView,
+    /// Whether the policy directory is watched (edits reload on their own);
+    /// false with `--no-watch` or when the watcher could not start.
+    pub watching: bool,
     /// The latest reload attempts (at most 50), newest first; the first
     /// load at start is the oldest.
     pub history: Vec<ReloadView>,
@@ -381,6 +384,7 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<PolicyStatus>,
     let reloader = reloader(&state)?;
     Ok(Json(PolicyStatus {
         generation: GenerationView::from(reloader.current().as_ref()),
+        watching: state.shared.watching.load(std::sync::atomic::Ordering::Acquire),
         history: reloader.history().iter().map(ReloadView::from).collect(),
     }))
 }
