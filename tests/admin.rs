@@ -79,7 +79,8 @@ async fn json_answer(request: reqwest::RequestBuilder, status: u16) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("JSON ({e}): {text}"))
 }
 
-/// Checks a problem document: status, content type, `code`, a detail.
+/// Checks a problem document: status, content type, `code`, a detail and
+/// the same text as `message`.
 async fn problem(request: reqwest::RequestBuilder, status: u16, code: &str) -> (HeaderMap, Value) {
     let (got, headers, text) = send(request).await;
     let body: Value = serde_json::from_str(&text)
@@ -96,6 +97,7 @@ async fn problem(request: reqwest::RequestBuilder, status: u16, code: &str) -> (
         body["detail"].as_str().is_some_and(|d| !d.is_empty()),
         "a detail: {body:#}"
     );
+    assert_eq!(body["message"], body["detail"], "a message: {body:#}");
     (headers, body)
 }
 
@@ -362,6 +364,7 @@ async fn a_forced_open_breaker_fails_fast_until_reset() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("a Retry-After: {headers:?} {body:#}"));
     assert!((1..=30).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(body["outcome"], "failed", "{body:#}");
     assert_eq!(
         fake.hits(),
         1,
@@ -1285,12 +1288,13 @@ async fn unknown_routes_are_problem_documents() {
     for path in ["/v1/nope", "/v1/dlq/1/nope", "/v2/operations", "/"] {
         problem(get(&server, path), 404, "not_found").await;
     }
-    problem(
+    let (_, body) = problem(
         server.client.put(server.url("/v1/dlq/1")),
         405,
         "method_not_allowed",
     )
     .await;
+    assert!(body.get("outcome").is_none(), "not an invoke: {body:#}");
 }
 
 /// Every endpoint of the admin API, as `(method, path)`.
@@ -1353,12 +1357,60 @@ async fn openapi_document_is_committed_served_and_complete() {
         "endpoints missing from the OpenAPI document: {missing:?}"
     );
     for (path, item) in document["paths"].as_object().expect("paths") {
+        let open = path == "/health" || path.starts_with("/health/") || path == "/metrics";
         for (method, op) in item.as_object().expect("a path item") {
             assert!(
                 op["responses"].as_object().is_some_and(|r| !r.is_empty()),
                 "{method} {path} documents its responses"
             );
+            // Every endpoint behind the token check documents its 401.
+            let unauthorized = &op["responses"]["401"];
+            if open {
+                assert!(unauthorized.is_null(), "{method} {path} is open");
+            } else {
+                assert_eq!(
+                    unauthorized["$ref"], "#/components/responses/Unauthorized",
+                    "{method} {path} documents its 401"
+                );
+            }
         }
+    }
+    let unauthorized = &document["components"]["responses"]["Unauthorized"];
+    assert_eq!(
+        unauthorized["content"]["application/problem+json"]["schema"]["$ref"],
+        "#/components/schemas/Problem"
+    );
+    let invoke = &document["paths"]["/v1/operations/{name}/invoke"]["post"]["responses"];
+    for status in ["400", "404", "409", "413", "415", "422", "429", "502", "503", "504"] {
+        assert!(
+            invoke[status].is_object(),
+            "invoke documents {status}: {invoke:#}"
+        );
+    }
+    // The envelope's `status` is a closed set, and problems carry `message`.
+    let schemas = &document["components"]["schemas"];
+    let status = &schemas["Envelope"]["properties"]["status"]["$ref"];
+    let name = status
+        .as_str()
+        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        .unwrap_or_else(|| panic!("Envelope.status names a schema: {status}"));
+    assert_eq!(schemas[name]["enum"], json!(["ok", "fallback", "queued"]));
+    // (`extra` is flattened, so the members sit in one part of an allOf.)
+    let problem = &schemas["Problem"];
+    let required = problem["required"]
+        .as_array()
+        .or_else(|| {
+            problem["allOf"]
+                .as_array()?
+                .iter()
+                .find_map(|part| part["required"].as_array())
+        })
+        .unwrap_or_else(|| panic!("Problem lists required members: {problem:#}"));
+    for member in ["type", "title", "status", "detail", "message", "code"] {
+        assert!(
+            required.iter().any(|r| r == member),
+            "Problem requires `{member}`: {required:?}"
+        );
     }
     for schema in [
         "OperationList",

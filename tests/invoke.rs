@@ -20,6 +20,12 @@ upstreams:
     base_url: \"{{UPSTREAM}}\"
     priorities:
       normal: { concurrency: 1, queue: 0, queue_timeout: 1s }
+  ranked:
+    base_url: \"{{UPSTREAM}}\"
+    priorities:
+      critical: { concurrency: 4, queue: 4, queue_timeout: 30s }
+      normal: { concurrency: 4, queue: 4, queue_timeout: 30s }
+      bulk: { concurrency: 1, queue: 1, queue_timeout: 30s }
 operations:
   echo:
     upstream: clay
@@ -44,6 +50,12 @@ operations:
     upstream: tight
     request: { method: GET, path: /v1/narrow }
     timeout: 1s
+    retry: { max_attempts: 1 }
+  ranked:
+    upstream: ranked
+    request: { method: GET, path: /v1/ranked }
+    priority: normal
+    timeout: 30s
     retry: { max_attempts: 1 }
   deadline:
     upstream: clay
@@ -118,7 +130,8 @@ async fn envelope(response: reqwest::Response, status: u16) -> (HeaderMap, Value
 }
 
 /// Checks a problem document: status, `application/problem+json`, `code`
-/// and `status` members. Answers headers and body.
+/// and `status` members, a `message` (the `detail` again) and, past the
+/// token check, `outcome: failed`. Answers headers and body.
 async fn problem(response: reqwest::Response, status: u16, code: &str) -> (HeaderMap, Value) {
     let headers = response.headers().clone();
     let got = response.status().as_u16();
@@ -137,6 +150,13 @@ async fn problem(response: reqwest::Response, status: u16, code: &str) -> (Heade
         body["detail"].as_str().is_some_and(|d| !d.is_empty()),
         "a detail: {body:#}"
     );
+    assert_eq!(body["message"], body["detail"], "a message: {body:#}");
+    if status == 401 {
+        // Refused before the endpoint: not an invoke at all.
+        assert!(body.get("outcome").is_none(), "{body:#}");
+    } else {
+        assert_eq!(body["outcome"], "failed", "a failed invoke: {body:#}");
+    }
     (headers, body)
 }
 
@@ -402,6 +422,96 @@ async fn a_full_bulkhead_is_429_and_a_hung_attempt_504() {
     // The slot holder times out after its 1s attempt timeout.
     let (_, body) = problem(first.await.expect("first task"), 504, "attempt_timeout").await;
     assert_eq!(body["meta"]["operation"], "narrow", "{body}");
+}
+
+/// Polls `/metrics` until it holds every line of `want`.
+async fn wait_for_metrics(server: &TestServer, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = server
+            .client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        if want.iter().all(|line| text.contains(line)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed {want:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_priority_takes_that_class_and_a_raised_one_is_not_granted() {
+    let (fake, server) = rig().await;
+    fake.then([Behavior::Hang]);
+    fake.always(Behavior::ok(r#"{"ok":true}"#));
+    let call = |operation: &str, priority: Option<&str>| {
+        let mut request = server
+            .client
+            .post(server.url(&format!("/v1/operations/{operation}/invoke")));
+        if let Some(p) = priority {
+            request = request.header("x-claygate-priority", p);
+        }
+        request.send()
+    };
+    let spawn_bulk = || {
+        let request = server
+            .client
+            .post(server.url("/v1/operations/ranked/invoke"))
+            .header("x-claygate-priority", "bulk");
+        tokio::spawn(async move { request.send().await })
+    };
+    // `ranked` is a `normal` operation; asked for `bulk`, a call takes the
+    // one `bulk` slot (and hangs there), the next waits in `bulk`'s queue.
+    let _holder = spawn_bulk();
+    wait_for_hits(&fake, 1).await;
+    let _waiter = spawn_bulk();
+    wait_for_metrics(
+        &server,
+        &[
+            "claygate_bulkhead_in_use{upstream=\"ranked\",priority=\"bulk\"} 1",
+            "claygate_bulkhead_queued{upstream=\"ranked\",priority=\"bulk\"} 1",
+            "claygate_bulkhead_in_use{upstream=\"ranked\",priority=\"normal\"} 0",
+        ],
+    )
+    .await;
+    // A third `bulk` call finds class and queue full: that class's limits
+    // applied, not the operation's own (`normal` has room).
+    let response = call("ranked", Some("bulk")).await.expect("call");
+    let (_, body) = problem(response, 429, "bulkhead_full").await;
+    assert_eq!(body["meta"]["priority"], "bulk", "{body:#}");
+    assert_eq!(fake.hits(), 1, "refused before the upstream");
+
+    // Without the header: the operation's class, which has room.
+    let (_, body) = envelope(call("ranked", None).await.expect("call"), 200).await;
+    assert_eq!(body["meta"]["priority"], "normal", "{body:#}");
+    // A higher class than the operation's is not granted: `normal` again.
+    let (_, body) = envelope(call("ranked", Some("Critical")).await.expect("call"), 200).await;
+    assert_eq!(body["meta"]["priority"], "normal", "{body:#}");
+    assert_eq!(fake.hits(), 3);
+
+    // A class the upstream does not define, or no class at all: 400.
+    let response = call("ranked", Some("low")).await.expect("call");
+    let (_, body) = problem(response, 400, "bad_priority").await;
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("`low`") && detail.contains("`ranked`") && detail.contains("critical, normal, bulk"),
+        "names the classes the upstream has: {detail}"
+    );
+    let response = call("ranked", Some("urgent")).await.expect("call");
+    problem(response, 400, "bad_priority").await;
+    // An unknown operation is 404 whatever the header says.
+    let response = call("no_such_op", Some("low")).await.expect("call");
+    problem(response, 404, "unknown_operation").await;
+    assert_eq!(fake.hits(), 3, "refused calls never reach the upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,6 +803,25 @@ async fn with_a_token_every_endpoint_but_health_and_metrics_needs_it() {
     let (headers, body) = envelope(response, 200).await;
     assert_eq!(body["data"], json!({"name": "Ada"}));
     seen_text.push_str(&format!("{headers:?}{body}"));
+    // The scheme is case-insensitive (RFC 9110); the token is not.
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let response = server
+            .client
+            .get(server.url("/v1/operations"))
+            .header("authorization", format!("{scheme} {TOKEN}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status().as_u16(), 200, "scheme {scheme}");
+    }
+    let response = server
+        .client
+        .get(server.url("/v1/operations"))
+        .header("authorization", format!("Bearer {}", TOKEN.to_uppercase()))
+        .send()
+        .await
+        .expect("GET");
+    problem(response, 401, "unauthorized").await;
     let response = authed(reqwest::Method::GET, "/openapi.json")
         .send()
         .await

@@ -1,5 +1,6 @@
 //! The one mapping from anything that goes wrong to an HTTP answer: an
-//! `application/problem+json` document (RFC 9457) with a stable `code`.
+//! `application/problem+json` document (RFC 9457) with a stable `code` and
+//! a human `message` (the same text as RFC 9457's `detail`).
 
 use std::time::Duration;
 
@@ -26,12 +27,27 @@ pub struct Problem {
     pub status: u16,
     /// What happened this time, naming the thing and the place.
     pub detail: String,
+    /// The same text as `detail`, for clients that read `code` and `message`.
+    pub message: String,
     /// Stable machine-readable code, e.g. `breaker_open`.
     pub code: String,
+    /// `failed` on the answer of an invoke that failed: the fourth value of
+    /// the envelope's `status` (`ok`, `fallback`, `queued`), which a problem
+    /// document cannot carry in `status` (RFC 9457 makes it the HTTP status).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
     /// More members for some codes (e.g. the upstream's answer, or `meta` of an invoke).
     #[serde(flatten, skip_serializing_if = "serde_json::Map::is_empty")]
     #[schema(value_type = Object)]
     pub extra: serde_json::Map<String, Value>,
+}
+
+/// The `outcome` of a problem document answered by the invoke endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The call was refused or failed; nothing more will happen to it.
+    Failed,
 }
 
 /// An error answer: a problem document plus headers such as `Retry-After`.
@@ -45,6 +61,8 @@ pub struct ApiError {
     pub detail: String,
     /// Seconds to put in `Retry-After`.
     pub retry_after: Option<Duration>,
+    /// `failed` for a failed invoke (see [`Problem::outcome`]).
+    pub outcome: Option<Outcome>,
     /// Extension members.
     pub extra: serde_json::Map<String, Value>,
 }
@@ -57,6 +75,7 @@ impl ApiError {
             code,
             detail: detail.into(),
             retry_after: None,
+            outcome: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -77,6 +96,12 @@ impl ApiError {
         self
     }
 
+    /// Marks the answer of a failed invoke (`outcome: failed`).
+    pub fn failed_invoke(mut self) -> ApiError {
+        self.outcome = Some(Outcome::Failed);
+        self
+    }
+
     /// Adds an extension member.
     pub fn with(mut self, name: &str, value: Value) -> ApiError {
         self.extra.insert(name.to_owned(), value);
@@ -90,7 +115,9 @@ impl ApiError {
             title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
             status: self.status.as_u16(),
             detail: self.detail.clone(),
+            message: self.detail.clone(),
             code: self.code.to_owned(),
+            outcome: self.outcome,
             extra: self.extra.clone(),
         }
     }

@@ -1,8 +1,17 @@
 //! `POST /v1/operations/{name}/invoke`: run an operation with JSON params
 //! and answer the envelope (`status` ok, fallback or queued; `data`;
-//! `meta`) or a problem document for a failed call.
+//! `meta`) or, for a failed call, a problem document with `outcome: failed`
+//! and the same `meta`.
+//!
+//! `X-Claygate-Priority` asks for a bulkhead class: one the operation's
+//! upstream does not define is refused (400 `bad_priority`, naming the
+//! classes it has); a lower class than the operation's is used; a higher
+//! one is not (any caller could otherwise claim `critical` slots), and the
+//! call runs at the operation's own class. `meta.priority` says which class
+//! the call ran at.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,8 +22,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{ApiError, Problem, invoke_error};
+use super::error::{ApiError, Problem, invoke_error, rejection};
 use crate::pipeline::Failure;
+use crate::pipeline::compose::Pipeline;
 use crate::policy::model::Priority;
 use crate::runtime::{Answer, InvokeRequest, Invoked};
 use crate::store::StoredResponse;
@@ -30,11 +40,24 @@ pub(super) fn routes() -> OpenApiRouter<super::AppState> {
     OpenApiRouter::new().routes(routes!(invoke))
 }
 
+/// How a call that did not fail was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvelopeStatus {
+    /// The upstream answered.
+    Ok,
+    /// A cached or static answer was served instead.
+    Fallback,
+    /// The call failed for good and was written to the DLQ.
+    Queued,
+}
+
 /// The answer of a call that did not fail.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Envelope {
-    /// `ok`, `fallback` or `queued` (a failed call answers a problem document).
-    pub status: &'static str,
+    /// `ok`, `fallback` or `queued` (a failed call answers a problem
+    /// document with `outcome: failed`).
+    pub status: EnvelopeStatus,
     /// The upstream's (or the fallback's) body: JSON when it is JSON, else a string; null when queued.
     #[schema(value_type = Object)]
     pub data: Value,
@@ -57,6 +80,11 @@ pub struct Meta {
     /// The breaker's state when the call ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub breaker: Option<&'static str>,
+    /// The bulkhead class the call ran at: the operation's, or a lower one
+    /// asked with `X-Claygate-Priority` (absent when the upstream has no classes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "normal")]
+    pub priority: Option<&'static str>,
     /// `fresh`, `stale`, `very_stale` or `static` for fallbacks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub staleness: Option<&'static str>,
@@ -104,15 +132,16 @@ pub struct IdempotencyMeta {
     params(
         ("name" = String, Path, description = "Operation name"),
         ("Idempotency-Key" = Option<String>, Header, description = "Deduplicates calls: 1–255 visible ASCII characters"),
-        ("X-Claygate-Priority" = Option<String>, Header, description = "Run at a lower priority class than the operation's (critical, high, normal, low or bulk; a higher class is ignored)"),
+        ("X-Claygate-Priority" = Option<String>, Header, description = "Run at a lower bulkhead class than the operation's: one of the classes its upstream defines (critical, high, normal, low, bulk), else 400 `bad_priority`; a higher class than the operation's runs at the operation's class. `meta.priority` says the class used"),
     ),
     request_body(content = Object, content_type = "application/json", description = "The operation's params (an empty body means `{}`)"),
     responses(
         (status = 200, description = "Answered by the upstream (`ok`) or by a fallback (`fallback`)", body = Envelope),
         (status = 202, description = "Failed for good and written to the DLQ (`queued`); `Location` names the entry", body = Envelope),
-        (status = 400, description = "Malformed body or idempotency key", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed body, idempotency key or priority", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown operation (or the upstream's 404)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A call with this idempotency key is in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Params fail params_schema, or the idempotency key was used with other params", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Bulkhead full or rate limited (`Retry-After`)", body = Problem, content_type = "application/problem+json"),
@@ -125,7 +154,23 @@ pub async fn invoke(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    // The body's rejection (over the limit) is taken here rather than by
+    // axum, so it too is a failed invoke.
+    let body = body.map_err(|r| rejection(r.status(), r.body_text()).failed_invoke())?;
+    run(&state, name, &headers, &body)
+        .await
+        .map_err(ApiError::failed_invoke)
+}
+
+/// The invoke, with refusals before the call (draining, a bad body or
+/// header) as errors.
+async fn run(
+    state: &AppState,
+    name: String,
+    headers: &HeaderMap,
+    body: &Bytes,
 ) -> Result<Response, ApiError> {
     if state.draining() {
         return Err(ApiError::new(
@@ -135,7 +180,7 @@ pub async fn invoke(
         )
         .retry_after(std::time::Duration::from_secs(1)));
     }
-    let params = params(&headers, &body)?;
+    let params = params(headers, body)?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(
@@ -149,24 +194,24 @@ pub async fn invoke(
                 .to_owned(),
         ),
     };
-    let priority = match headers.get(PRIORITY_HEADER) {
+    let asked = match headers.get(PRIORITY_HEADER) {
         None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| {
-                    let s = s.trim();
-                    Priority::ALL
-                        .into_iter()
-                        .find(|p| p.as_str().eq_ignore_ascii_case(s))
-                })
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "bad_priority",
-                        "X-Claygate-Priority must be one of critical, high, normal, low, bulk",
-                    )
-                })?,
-        ),
+        Some(v) => Some(parse_priority(v)?),
+    };
+    // The class is checked, and the one used named, on the generation
+    // serving now; an unknown operation is left to the runtime (404).
+    let priority = match state.runtime().compiled().operations.get(&name) {
+        Some(pipeline) => {
+            if let Some(asked) = asked {
+                check_class(pipeline, asked)?;
+            }
+            pipeline
+                .upstream
+                .bulkhead
+                .as_ref()
+                .map(|_| pipeline.priority_for(asked).as_str())
+        }
+        None => None,
     };
     let invoked = state
         .runtime()
@@ -175,11 +220,55 @@ pub async fn invoke(
             InvokeRequest {
                 params,
                 idempotency_key,
-                priority,
+                priority: asked,
             },
         )
         .await;
-    Ok(answer(invoked))
+    Ok(answer(invoked, priority))
+}
+
+/// The class named by an `X-Claygate-Priority` value.
+fn parse_priority(value: &HeaderValue) -> Result<Priority, ApiError> {
+    value
+        .to_str()
+        .ok()
+        .and_then(|s| {
+            let s = s.trim();
+            Priority::ALL
+                .into_iter()
+                .find(|p| p.as_str().eq_ignore_ascii_case(s))
+        })
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "bad_priority",
+                "X-Claygate-Priority must be one of critical, high, normal, low, bulk",
+            )
+        })
+}
+
+/// Refuses a class the operation's upstream does not define, naming those it does.
+fn check_class(pipeline: &Pipeline, asked: Priority) -> Result<(), ApiError> {
+    let upstream = &pipeline.upstream;
+    let classes: Vec<&str> = upstream
+        .bulkhead
+        .as_ref()
+        .map(|b| b.config().classes.keys().map(|p| p.as_str()).collect())
+        .unwrap_or_default();
+    if classes.contains(&asked.as_str()) {
+        return Ok(());
+    }
+    let has = if classes.is_empty() {
+        "defines no priority classes".to_owned()
+    } else {
+        format!("defines {}", classes.join(", "))
+    };
+    Err(ApiError::bad_request(
+        "bad_priority",
+        format!(
+            "X-Claygate-Priority `{asked}`: upstream `{}` of operation `{}` has no such class; it {has}",
+            upstream.name, pipeline.name
+        ),
+    ))
 }
 
 /// The params: the JSON body, `{}` when empty.
@@ -214,14 +303,15 @@ fn data_of(response: &StoredResponse) -> Value {
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&response.body).into_owned()))
 }
 
-/// The HTTP answer of a finished call.
-pub fn answer(invoked: Invoked) -> Response {
+/// The HTTP answer of a finished call that ran at bulkhead class `priority`.
+pub fn answer(invoked: Invoked, priority: Option<&'static str>) -> Response {
     let mut meta = Meta {
         operation: invoked.operation.clone(),
         attempts: invoked.attempts,
         latency_ms: invoked.latency.as_secs_f64() * 1000.0,
         upstream_status: None,
         breaker: invoked.breaker.map(|b| b.as_str()),
+        priority,
         staleness: None,
         age_ms: None,
         fallback: false,
@@ -242,7 +332,7 @@ pub fn answer(invoked: Invoked) -> Response {
         Answer::Ok(r) => {
             meta.upstream_status = Some(r.status);
             let envelope = Envelope {
-                status: "ok",
+                status: EnvelopeStatus::Ok,
                 data: data_of(&r),
                 meta,
             };
@@ -260,7 +350,7 @@ pub fn answer(invoked: Invoked) -> Response {
             meta.age_ms = age.map(|a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX));
             meta.cause = Some(cause(&why));
             let envelope = Envelope {
-                status: "fallback",
+                status: EnvelopeStatus::Fallback,
                 data: data_of(&response),
                 meta,
             };
@@ -275,7 +365,7 @@ pub fn answer(invoked: Invoked) -> Response {
             meta.dlq_id = Some(dlq_id);
             meta.cause = why.as_ref().map(cause);
             let envelope = Envelope {
-                status: "queued",
+                status: EnvelopeStatus::Queued,
                 data: Value::Null,
                 meta,
             };
@@ -286,7 +376,7 @@ pub fn answer(invoked: Invoked) -> Response {
             r
         }
         Answer::Failed(e) => {
-            let error = invoke_error(&e);
+            let error = invoke_error(&e).failed_invoke();
             let meta = serde_json::to_value(&meta).unwrap_or(Value::Null);
             error.with("meta", meta).into_response()
         }
