@@ -673,6 +673,7 @@ async fn wait_until_delivered(server: &TestServer, id: i64) {
 #[derive(Debug, Default)]
 struct Frame {
     event: Option<String>,
+    id: Option<u64>,
     data: String,
     retry: Option<u64>,
     comments: Vec<String>,
@@ -728,6 +729,11 @@ impl Events {
 
     /// Skips events until one of type `kind` satisfying `check`.
     async fn next_of(&mut self, kind: &str, check: impl Fn(&Value) -> bool) -> Value {
+        self.next_frame_of(kind, check).await.json()
+    }
+
+    /// [`next_of`](Self::next_of), answering the whole frame.
+    async fn next_frame_of(&mut self, kind: &str, check: impl Fn(&Value) -> bool) -> Frame {
         let mut skipped = Vec::new();
         for _ in 0..200 {
             let frame = self.next().await;
@@ -735,7 +741,7 @@ impl Events {
                 let data = frame.json();
                 assert_eq!(data["type"], kind, "`event:` is the data's type: {frame:?}");
                 if check(&data) {
-                    return data;
+                    return frame;
                 }
             }
             skipped.push(frame);
@@ -752,6 +758,7 @@ fn parse_frame(block: &str) -> Frame {
         match field {
             "" => frame.comments.push(value.to_owned()),
             "event" => frame.event = Some(value.to_owned()),
+            "id" => frame.id = value.parse().ok(),
             "data" => {
                 if !frame.data.is_empty() {
                     frame.data.push('\n');
@@ -780,16 +787,24 @@ async fn the_event_stream_carries_breaker_transitions_and_dead_letters() {
     );
 
     json_answer(post(&server, "/v1/breakers/lookup/open"), 200).await;
-    let transition = events
-        .next_of("breaker", |e| e["operation"] == "lookup")
+    let frame = events
+        .next_frame_of("breaker", |e| e["operation"] == "lookup")
         .await;
+    let first_id = frame.id.unwrap_or_else(|| panic!("an `id:`: {frame:?}"));
+    let transition = frame.json();
     assert_eq!(transition["from"], "closed", "{transition:#}");
     assert_eq!(transition["to"], "forced_open", "{transition:#}");
     assert_eq!(transition["reason"], "force_open", "{transition:#}");
     json_answer(post(&server, "/v1/breakers/lookup/reset"), 200).await;
-    let transition = events
-        .next_of("breaker", |e| e["operation"] == "lookup")
+    let frame = events
+        .next_frame_of("breaker", |e| e["operation"] == "lookup")
         .await;
+    assert_eq!(
+        frame.id,
+        Some(first_id + 1),
+        "ids grow by one per event: {frame:?}"
+    );
+    let transition = frame.json();
     assert_eq!(
         (&transition["from"], &transition["to"]),
         (&json!("forced_open"), &json!("closed"))
@@ -826,16 +841,24 @@ async fn a_listener_that_falls_behind_hears_how_many_events_it_missed() {
     }
     let frame = events.next().await;
     assert_eq!(frame.event.as_deref(), Some("lagged"), "{frame:?}");
+    assert_eq!(frame.id, None, "a lagged notice is not an event of the stream");
     let lagged = frame.json();
     let missed = lagged["missed"].as_u64().unwrap_or(0);
     let capacity = claygate::events::CAPACITY as u64;
     assert_eq!(missed, sent - capacity, "{lagged:#}");
-    let next = events.next_of("reload", |_| true).await;
+    let frame = events.next_frame_of("reload", |_| true).await;
+    let next = frame.json();
     assert_eq!(
         next["generation"],
         format!("g{missed}"),
         "the stream goes on with the oldest kept"
     );
+    // The ids say so too: the first after the gap counts the missed ones,
+    // and the stream is contiguous again from there.
+    let after = frame.id.unwrap_or_else(|| panic!("an `id:`: {frame:?}"));
+    assert!(after > missed, "id {after} counts the {missed} missed events");
+    let following = events.next_frame_of("reload", |_| true).await;
+    assert_eq!(following.id, Some(after + 1), "{following:?}");
 }
 
 #[tokio::test]
