@@ -10,7 +10,8 @@ use claygate::store::DlqState;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::support::server::{Options, TestServer, UPSTREAM, start};
+use crate::support::script::{Script, Step};
+use crate::support::server::{Options, TestServer, UPSTREAM, in_process, start};
 use crate::support::upstream::{Behavior, FakeUpstream};
 
 /// A second, narrow upstream and the operations under test.
@@ -535,25 +536,63 @@ async fn a_passed_deadline_is_504() {
     fake.always(Behavior::Hang);
     let started = std::time::Instant::now();
     let response = post_raw(&server, "deadline", None, "").await;
-    let code = {
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body: Value = response.json().await.expect("JSON");
-        assert_eq!(status, 504, "{body}");
-        assert_eq!(
-            headers.get("content-type").and_then(|v| v.to_str().ok()),
-            Some("application/problem+json")
-        );
-        body["code"].as_str().unwrap_or_default().to_owned()
-    };
+    let elapsed = started.elapsed();
+    // The first attempt times out at 200ms and is retried; the 300ms
+    // deadline ends the second (exact figures: the paused-clock test below).
+    let (_, body) = problem(response, 504, "deadline_exceeded").await;
     assert!(
-        code == "deadline_exceeded" || code == "attempt_timeout",
-        "code {code}"
+        body["meta"]["attempts"].as_u64().is_some_and(|n| n >= 1),
+        "{body:#}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the 300ms deadline held"
+        elapsed >= Duration::from_millis(300),
+        "not before the deadline: {elapsed:?}"
     );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "the 300ms deadline held: {elapsed:?}"
+    );
+}
+
+/// One operation with a 200ms attempt timeout inside a 300ms deadline.
+const DEADLINE: &str = "version: 1
+upstreams:
+  clay:
+    base_url: \"http://127.0.0.1:9\"
+    priorities:
+      normal: { concurrency: 8, queue: 8, queue_timeout: 10s }
+operations:
+  deadline:
+    upstream: clay
+    request: { method: GET, path: /v1/slow }
+    timeout: 200ms
+    deadline: 300ms
+    retry: { max_attempts: 3, backoff: { initial: 10ms, max: 10ms, jitter: none }, on: [timeout] }
+";
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_the_call_at_the_deadline_on_the_paused_clock() {
+    let script = Script::new();
+    script.always(Step::Hang);
+    let rig = in_process(DEADLINE, &script, None).await;
+    let started = tokio::time::Instant::now();
+    let answer = rig.invoke("deadline", json!({})).await;
+    let elapsed = started.elapsed();
+    let body = answer.json();
+    assert_eq!(answer.status, 504, "{body:#}");
+    assert_eq!(answer.content_type(), "application/problem+json");
+    assert_eq!(body["code"], "deadline_exceeded", "{body:#}");
+    assert_eq!(body["outcome"], "failed");
+    // Attempt 1 times out at 200ms, the back-off is 10ms, attempt 2 starts
+    // at 210ms and the deadline cuts it at 300ms: two attempts, not three.
+    assert_eq!(body["meta"]["attempts"], 2, "{body:#}");
+    assert_eq!(script.hits(), 2);
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(305),
+        "ended at the deadline: {elapsed:?}"
+    );
+    let latency = body["meta"]["latency_ms"].as_f64().unwrap_or(-1.0);
+    assert!((300.0..305.0).contains(&latency), "meta.latency_ms {latency}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
