@@ -1,7 +1,8 @@
 //! Health and metrics end to end: a real server on loopback and a fake
 //! upstream that fails and recovers. `/health` moves healthy -> degraded ->
 //! unhealthy -> healthy with the breakers, fallbacks, probes and the DLQ;
-//! `/health/ready` follows draining; `/metrics` follows invokes and reloads.
+//! `/health/ready` follows draining; `/metrics` follows invokes, retries,
+//! fallbacks, replays, breaker transitions, bulkhead use and reloads.
 //!
 //! Waits poll the real server with a bounded loop (it is the thing that
 //! changes state), never a fixed sleep.
@@ -12,7 +13,8 @@ use std::time::Duration;
 use claygate::reload::Trigger;
 use serde_json::{Value, json};
 
-use crate::support::server::{self, Options, TestServer, UPSTREAM};
+use crate::support::script::{Script, Step};
+use crate::support::server::{self, InProcess, Options, TestServer, UPSTREAM};
 use crate::support::upstream::{Behavior, FakeUpstream};
 
 /// Longest any wait for a state takes before the test fails.
@@ -552,4 +554,163 @@ async fn metrics_move_with_invokes_and_removed_operations_disappear_on_reload() 
     assert!(body["checks"].get("operation:gone").is_none(), "{body:#}");
     assert!(body["checks"].get("operation:lookup").is_some(), "{body:#}");
     server.server.shutdown().await;
+}
+
+/// Operations that each move one metric, answered by the scripted upstream.
+const MOVERS: &str = "version: 1
+upstreams:
+  clay:
+    base_url: \"http://127.0.0.1:9\"
+    headers: { Authorization: \"Bearer test-secret-key\" }
+    priorities:
+      normal: { concurrency: 4, queue: 4, queue_timeout: 30s }
+      bulk: { concurrency: 1, queue: 1, queue_timeout: 30s }
+operations:
+  retried:
+    upstream: clay
+    request: { method: GET, path: /v1/retried }
+    retry: { max_attempts: 2, backoff: { initial: 1ms, max: 1ms, jitter: none }, on: [503] }
+    breaker: { volume_threshold: 1000 }
+  lookup:
+    upstream: clay
+    request: { method: GET, path: /v1/lookup }
+    retry: { max_attempts: 1 }
+    breaker: { volume_threshold: 1000 }
+    fallback: { static: { known: false } }
+  keyed:
+    upstream: clay
+    request: { method: POST, path: /v1/keyed, body: { id: \"{{ params.id }}\" } }
+    params_schema: { type: object, required: [id], properties: { id: { type: string } } }
+    retry: { max_attempts: 1 }
+    idempotency: { key: [id] }
+  fragile:
+    upstream: clay
+    request: { method: GET, path: /v1/fragile }
+    retry: { max_attempts: 1 }
+    breaker: { volume_threshold: 2, error_threshold_percentage: 50, reset_timeout: 1h }
+  batch:
+    upstream: clay
+    request: { method: GET, path: /v1/batch }
+    priority: bulk
+    timeout: 30s
+    retry: { max_attempts: 1 }
+";
+
+/// Polls the in-process `/metrics` until every line of `want` is there.
+async fn scrape_until(rig: &InProcess, want: &[&str]) -> String {
+    let started = tokio::time::Instant::now();
+    loop {
+        let answer = rig.get("/metrics").await;
+        assert_eq!(answer.status, 200);
+        let text = String::from_utf8_lossy(&answer.body).into_owned();
+        if want.iter().all(|line| text.contains(line)) {
+            assert!(!text.contains("test-secret-key"));
+            return text;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "metrics never showed all of {want:#?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_fallbacks_replays_transitions_latency_and_bulkhead_gauges_move() {
+    let script = Script::new();
+    let rig = server::in_process(MOVERS, &script, None).await;
+
+    // A retried call: 503, then the default 200.
+    script.then(Step::Reply(503, json!({"error": "busy"})));
+    let answer = rig.invoke("retried", json!({})).await;
+    assert_eq!(answer.status, 200, "{:#}", answer.json());
+    assert_eq!(answer.json()["meta"]["attempts"], 2);
+    // A fallback: the static answer after a 503.
+    script.then(Step::Reply(503, json!({})));
+    let answer = rig.invoke("lookup", json!({})).await;
+    assert_eq!(answer.json()["status"], "fallback");
+    // A replay: the same idempotent params twice.
+    for _ in 0..2 {
+        assert_eq!(rig.invoke("keyed", json!({"id": "a"})).await.status, 200);
+    }
+    // A breaker opening: two failures in two calls reach 50%.
+    script.then(Step::Reply(503, json!({})));
+    script.then(Step::Reply(503, json!({})));
+    for _ in 0..2 {
+        assert_eq!(rig.invoke("fragile", json!({})).await.status, 502);
+    }
+    let text = scrape_until(
+        &rig,
+        &[
+            "claygate_retries_total{operation=\"retried\"} 1",
+            "claygate_fallbacks_total{operation=\"lookup\",staleness=\"static\"} 1",
+            "claygate_idempotent_replays_total{operation=\"keyed\"} 1",
+            "claygate_breaker_transitions_total{operation=\"fragile\",to=\"open\"} 1",
+            "claygate_breaker_state{operation=\"fragile\",state=\"open\"} 1",
+            "claygate_invoke_duration_seconds_count{operation=\"retried\"} 1",
+            "claygate_invoke_duration_seconds_count{operation=\"keyed\"} 2",
+            "claygate_bulkhead_in_use{upstream=\"clay\",priority=\"bulk\"} 0",
+            "claygate_bulkhead_queued{upstream=\"clay\",priority=\"bulk\"} 0",
+        ],
+    )
+    .await;
+    for absent in [
+        "claygate_retries_total{operation=\"lookup\"}",
+        "claygate_idempotent_replays_total{operation=\"retried\"}",
+        "claygate_breaker_transitions_total{operation=\"retried\"",
+    ] {
+        assert!(!text.contains(absent), "`{absent}` moved:\n{text}");
+    }
+    assert!(
+        text.contains("claygate_invoke_duration_seconds_bucket{le=\"+Inf\",operation=\"retried\"} 1"),
+        "a latency histogram:\n{text}"
+    );
+
+    // The bulkhead: one `batch` call holds the one `bulk` slot (held by the
+    // script), a second waits in the queue; a scrape sees both.
+    script.hold();
+    let hits = script.hits();
+    let spawn = || {
+        let rig_router = rig.router.clone();
+        tokio::spawn(async move {
+            use tower::ServiceExt;
+            let request = http::Request::post("/v1/operations/batch/invoke")
+                .body(axum::body::Body::empty())
+                .expect("a request");
+            rig_router
+                .oneshot(request)
+                .await
+                .unwrap_or_else(|e| match e {})
+                .status()
+        })
+    };
+    let holder = spawn();
+    let started = tokio::time::Instant::now();
+    while script.hits() == hits {
+        assert!(started.elapsed() < PATIENCE, "the holder never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let waiter = spawn();
+    scrape_until(
+        &rig,
+        &[
+            "claygate_bulkhead_in_use{upstream=\"clay\",priority=\"bulk\"} 1",
+            "claygate_bulkhead_queued{upstream=\"clay\",priority=\"bulk\"} 1",
+            "claygate_bulkhead_in_use{upstream=\"clay\",priority=\"normal\"} 0",
+        ],
+    )
+    .await;
+    assert_eq!(script.hits(), hits + 1, "the waiter is queued, not sent");
+    script.release(2);
+    assert_eq!(holder.await.expect("holder"), 200);
+    assert_eq!(waiter.await.expect("waiter"), 200);
+    scrape_until(
+        &rig,
+        &[
+            "claygate_bulkhead_in_use{upstream=\"clay\",priority=\"bulk\"} 0",
+            "claygate_bulkhead_queued{upstream=\"clay\",priority=\"bulk\"} 0",
+            "claygate_invoke_duration_seconds_count{operation=\"batch\"} 2",
+        ],
+    )
+    .await;
 }
