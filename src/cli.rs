@@ -3,7 +3,8 @@
 //!
 //! Exit codes are part of the interface: 0 valid (or, for `serve`, a clean
 //! shutdown), 1 invalid policies (or warnings with `--strict`), 2 usage,
-//! I/O, bind or store error.
+//! I/O, bind or store error (for `serve`, also a store that cannot be
+//! flushed at shutdown).
 
 use std::io::{self, IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -19,7 +20,8 @@ use crate::logging::{self, LogFormat};
 use crate::policy::diagnostic::{render_github, render_human, render_json};
 use crate::policy::{self, LoadOptions, UnsetEnv};
 use crate::reload::{Problem, Trigger};
-use crate::serve::{ServeConfig, ServeError, Server};
+use crate::runtime::Drained;
+use crate::serve::{ServeConfig, ServeError, Server, StopError};
 
 /// Exit code: everything checked out.
 pub const EXIT_OK: u8 = 0;
@@ -51,9 +53,9 @@ pub enum Command {
     /// go to standard error. With CLAYGATE_ADMIN_TOKEN set (environment
     /// only), every endpoint but /health* and /metrics needs
     /// `Authorization: Bearer <token>`; a non-loopback --listen without a
-    /// token is refused. SIGTERM or Ctrl-C drain and stop (exit 0); SIGHUP
-    /// reloads the policies. Exit 1 when the policies are invalid, 2 on
-    /// usage, I/O, bind or store errors.
+    /// token is refused. SIGTERM or Ctrl-C drain and stop (exit 0, or 2 when
+    /// the store cannot be flushed); SIGHUP reloads the policies. Exit 1
+    /// when the policies are invalid, 2 on usage, I/O, bind or store errors.
     Serve(ServeArgs),
     /// Check policy files: YAML, the JSON Schema and the semantic rules.
     ///
@@ -437,14 +439,30 @@ async fn serve_until_signalled(args: ServeArgs, token: Option<String>) -> u8 {
             );
         }
     });
-    let drained = server.wait().await;
+    let stopped = server.stopped().await;
     repeat.abort();
-    tracing::info!(
-        finished = drained.finished,
-        interrupted = drained.interrupted,
-        "claygate stopped"
-    );
-    EXIT_OK
+    stop_code(stopped)
+}
+
+/// The exit code of a stop: 0 when clean, 2 (with the reason on stderr)
+/// when the store could not be flushed or the server failed, so a
+/// supervisor sees that acknowledged work may be at risk.
+fn stop_code(stopped: Result<Drained, StopError>) -> u8 {
+    match stopped {
+        Ok(drained) => {
+            tracing::info!(
+                finished = drained.finished,
+                interrupted = drained.interrupted,
+                "claygate stopped"
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "claygate stopped with an error");
+            eprintln!("claygate: {e}");
+            EXIT_USAGE
+        }
+    }
 }
 
 /// One clear message for a server that cannot start; answers the exit code.
@@ -618,5 +636,31 @@ fn summary_line(loaded: &policy::Loaded, valid: bool, strict: bool) -> String {
             }
             line
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_stop_that_could_not_flush_the_store_exits_2() {
+        let drained = Drained {
+            finished: 3,
+            interrupted: 1,
+        };
+        assert_eq!(stop_code(Ok(drained)), EXIT_OK);
+        assert_eq!(
+            stop_code(Err(StopError::StoreFlush {
+                drained,
+                source: StoreError::Closed,
+            })),
+            EXIT_USAGE
+        );
+        assert_eq!(
+            stop_code(Err(StopError::Crashed("panicked".into()))),
+            EXIT_USAGE
+        );
     }
 }

@@ -10,6 +10,9 @@
 //! 3. calls still running are interrupted: those of an operation with a DLQ
 //!    are dead-lettered (never dropped), the others answer `interrupted`;
 //! 4. the workers stop and the store is flushed and closed.
+//!
+//! A stop is clean when all of that worked; otherwise [`Server::stopped`]
+//! answers a [`StopError`] and `claygate serve` exits 2.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,12 +77,44 @@ pub enum ServeError {
     },
 }
 
+/// Why a stop was not clean. The calls were drained either way; what is
+/// wrong is what happened around them.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// The store could not write what it held and close: acknowledged
+    /// work (dead letters, idempotency records) may not be on disk.
+    #[error("the store could not be flushed and closed: {source}")]
+    StoreFlush {
+        /// What the drain did.
+        drained: Drained,
+        /// Why.
+        source: StoreError,
+    },
+    /// The HTTP server failed on its own.
+    #[error("the HTTP server failed: {0}")]
+    Http(String),
+    /// The task running the server panicked or was cancelled; the drain
+    /// and the store flush may not have run.
+    #[error("the server task ended abnormally: {0}")]
+    Crashed(String),
+}
+
+impl StopError {
+    /// What the drain did, when it ran.
+    pub fn drained(&self) -> Option<Drained> {
+        match self {
+            StopError::StoreFlush { drained, .. } => Some(*drained),
+            StopError::Http(_) | StopError::Crashed(_) => None,
+        }
+    }
+}
+
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
     state: AppState,
     stop: watch::Sender<bool>,
-    task: JoinHandle<Drained>,
+    task: JoinHandle<Result<Drained, StopError>>,
 }
 
 impl Server {
@@ -140,7 +175,10 @@ impl Server {
         ));
         if config.watch {
             match crate::watch::spawn(Arc::clone(&reloader), stopped.clone()) {
-                Ok(handle) => workers.push(handle),
+                Ok(handle) => {
+                    state.shared.watching.store(true, Ordering::Release);
+                    workers.push(handle);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot watch the policies; reload with SIGHUP or the API")
                 }
@@ -162,24 +200,31 @@ impl Server {
             let drained = task_state.runtime().drain(drain).await;
             // Connections idle or finished by now; a stuck one must not hold
             // the process (its call already ended above).
-            if tokio::time::timeout(Duration::from_secs(2), server)
-                .await
-                .is_err()
-            {
-                tracing::warn!("connections still open after the drain; closing them");
-            }
+            let http = match tokio::time::timeout(Duration::from_secs(2), server).await {
+                Err(_) => {
+                    tracing::warn!("connections still open after the drain; closing them");
+                    Ok(())
+                }
+                Ok(Ok(Ok(()))) => Ok(()),
+                Ok(Ok(Err(e))) => Err(StopError::Http(e.to_string())),
+                Ok(Err(e)) => Err(StopError::Http(e.to_string())),
+            };
             for w in workers {
                 let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
             }
-            if let Err(e) = task_state.runtime().store.close().await {
-                tracing::error!(error = %e, "cannot close the store cleanly");
-            }
+            // The store is flushed whatever happened to HTTP: it holds the
+            // dead letters the drain just wrote.
+            let flushed = task_state.runtime().store.close().await;
             tracing::info!(
                 finished = drained.finished,
                 interrupted = drained.interrupted,
                 "stopped"
             );
-            drained
+            if let Err(source) = flushed {
+                tracing::error!(error = %source, "cannot flush and close the store");
+                return Err(StopError::StoreFlush { drained, source });
+            }
+            http.map(|()| drained)
         });
         tracing::info!(
             %addr,
@@ -210,17 +255,32 @@ impl Server {
         self.stop.send_replace(true);
     }
 
-    /// Stops and waits until drained and closed.
+    /// Stops and waits until drained and closed. A stop that was not clean
+    /// is logged; [`stopped`](Self::stopped) answers it instead.
     pub async fn shutdown(self) -> Drained {
         self.stop();
         self.wait().await
     }
 
-    /// Waits until the server has stopped (after [`stop`](Self::stop)).
+    /// Waits until the server has stopped (after [`stop`](Self::stop)); a
+    /// stop that was not clean is logged.
     pub async fn wait(self) -> Drained {
-        self.task.await.unwrap_or(Drained {
-            finished: 0,
-            interrupted: 0,
+        self.stopped().await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "claygate did not stop cleanly");
+            e.drained().unwrap_or(Drained {
+                finished: 0,
+                interrupted: 0,
+            })
         })
+    }
+
+    /// Waits until the server has stopped (after [`stop`](Self::stop));
+    /// answers an error when the store could not be flushed or the server
+    /// failed, so `claygate serve` can exit non-zero instead of hiding it.
+    pub async fn stopped(self) -> Result<Drained, StopError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(StopError::Crashed(e.to_string())),
+        }
     }
 }
