@@ -114,7 +114,12 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
 
 /// Starts `claygate serve` and waits for its `listening on http://ADDR` line.
 async fn serve(args: &[&str], env: &[(&str, &str)]) -> Serving {
-    let mut child = command(args, env).spawn().expect("claygate starts");
+    serve_command(command(args, env)).await
+}
+
+/// Starts `cmd` (a `claygate serve`) and waits for its `listening on` line.
+async fn serve_command(mut cmd: std::process::Command) -> Serving {
+    let mut child = cmd.spawn().expect("claygate starts");
     let stdout = Arc::new(Mutex::new(String::new()));
     let stderr = Arc::new(Mutex::new(String::new()));
     drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
@@ -407,8 +412,6 @@ operations:
             .status()
             .as_u16()
     };
-    // Not watching: nothing changes until asked.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(invoke().await, 404);
 
     server.signal("HUP");
@@ -433,10 +436,21 @@ operations:
         listing.contains(&after),
         "the new generation {after}: {listing}"
     );
-    assert!(
-        listing.contains("signal"),
-        "the reload's trigger: {listing}"
-    );
+    // Not watching, by its own account and by the history: the signal's
+    // reload is the one that applied the new file (a watcher would have
+    // applied it first, leaving the signal's reload `unchanged`), and no
+    // reload was triggered by a watcher before or after it.
+    let status: Value = serde_json::from_str(&listing).expect("JSON");
+    assert_eq!(status["watching"], false, "{status:#}");
+    let history = status["history"].as_array().expect("a history");
+    let triggers: Vec<&str> = history
+        .iter()
+        .filter_map(|r| r["trigger"].as_str())
+        .collect();
+    assert_eq!(triggers, ["signal", "startup"], "{status:#}");
+    assert_eq!(history[0]["result"], "applied", "{status:#}");
+    assert_eq!(history[0]["generation"], after.as_str());
+    assert_eq!(history[1]["generation"], before.as_str());
     assert!(
         text(&server.stderr).contains("SIGHUP"),
         "the signal is logged"
@@ -478,6 +492,17 @@ async fn json_logs_go_to_stderr_and_sigint_stops_cleanly() {
     assert_eq!(response.status().as_u16(), 200);
     let answer = response.text().await.expect("body");
     assert!(!answer.contains(TOKEN));
+    // Served without --no-watch: the policy directory is watched.
+    let status: Value = client
+        .get(server.url("/v1/policies"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(status["watching"], true, "{status:#}");
 
     server.signal("INT");
     let status = server.exited(Duration::from_secs(20)).await;
@@ -652,6 +677,102 @@ fn invalid_policies_exit_1_naming_file_line_and_column() {
     assert_eq!(code, Some(1), "stderr: {stderr}");
     assert!(stderr.contains("CLAYGATE_TEST_SURELY_UNSET"), "{stderr}");
     assert!(stderr.contains("clay.yaml:"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_data_and_listen_come_from_the_environment() {
+    let fake = FakeUpstream::start().await;
+    fake.always(Behavior::status(503, r#"{"error":"busy"}"#));
+    let policies = tempdir();
+    let data = tempdir();
+    // An empty working directory: the defaults `./policies` and `./data`
+    // would not serve, and nothing may be created there.
+    let cwd = tempdir();
+    write(policies.path(), "clay.yaml", &policy(&fake.url()));
+    let mut cmd = command(
+        &["--no-watch"],
+        &[
+            ("CLAYGATE_POLICIES", path_str(policies.path())),
+            ("CLAYGATE_DATA", path_str(data.path())),
+            // Not the default 127.0.0.1:7700: the address printed proves it was read.
+            ("CLAYGATE_LISTEN", "127.0.0.2:0"),
+        ],
+    );
+    cmd.current_dir(cwd.path());
+    let mut server = serve_command(cmd).await;
+    assert_eq!(
+        server.addr.ip().to_string(),
+        "127.0.0.2",
+        "listens where CLAYGATE_LISTEN says"
+    );
+    let client = reqwest::Client::new();
+    let operations: Value = client
+        .get(server.url("/v1/operations"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(
+        operations.to_string().contains("\"push_row\""),
+        "serves CLAYGATE_POLICIES: {operations:#}"
+    );
+    let response = client
+        .post(server.url("/v1/operations/push_row/invoke"))
+        .json(&json!({"table_id": "t1", "row": {"n": 1}}))
+        .send()
+        .await
+        .expect("invoke");
+    assert_eq!(response.status().as_u16(), 202, "dead-lettered");
+    let body: Value = response.json().await.expect("JSON");
+    let id = body["meta"]["dlq_id"].as_i64().expect("a dlq id");
+
+    server.signal("TERM");
+    let status = server.exited(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", text(&server.stderr));
+    let left: Vec<_> = std::fs::read_dir(cwd.path())
+        .expect("read the working directory")
+        .collect();
+    assert!(left.is_empty(), "nothing written to the working directory: {left:?}");
+    // The dead letter is in the store under CLAYGATE_DATA.
+    let store = SqliteStore::open(data.path())
+        .await
+        .expect("the store reopens");
+    let entry = store.dlq_get(id).await.expect("read").expect("the entry");
+    assert_eq!(entry.operation, "push_row");
+    store.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_flushed_makes_the_stop_an_error() {
+    let fake = FakeUpstream::start().await;
+    let server = crate::support::server::start(
+        &[("clay.yaml", &policy("{{UPSTREAM}}"))],
+        &fake.url(),
+        crate::support::server::Options::default(),
+    )
+    .await;
+    // Something closed the store under the server: the final flush fails.
+    server
+        .server
+        .state()
+        .runtime()
+        .store
+        .close()
+        .await
+        .expect("the first close works");
+    server.server.stop();
+    match server.server.stopped().await {
+        Err(claygate::serve::StopError::StoreFlush { drained, source }) => {
+            assert_eq!(drained.interrupted, 0);
+            assert!(
+                matches!(source, claygate::store::StoreError::Closed),
+                "{source}"
+            );
+        }
+        other => panic!("a store flush error, got {other:?}"),
+    }
 }
 
 #[test]
