@@ -1452,3 +1452,351 @@ async fn openapi_document_is_committed_served_and_complete() {
         );
     }
 }
+
+// ---- fuzz: random requests through the router never get a 500 --------
+
+/// Operations of every kind the fuzz may call, all answered `200` by the script.
+const FUZZ_POLICY: &str = "version: 1
+upstreams:
+  clay:
+    base_url: \"http://127.0.0.1:9\"
+    headers: { Authorization: \"Bearer test-secret-key\" }
+    priorities:
+      normal: { concurrency: 8, queue: 8, queue_timeout: 10s }
+      bulk: { concurrency: 2, queue: 8, queue_timeout: 10s }
+operations:
+  echo:
+    upstream: clay
+    request: { method: POST, path: /v1/echo, body: { email: \"{{ params.email }}\" } }
+    params_schema: { type: object, required: [email], properties: { email: { type: string } } }
+    retry: { max_attempts: 1 }
+  keyed:
+    upstream: clay
+    request: { method: POST, path: \"/v1/keyed/{{ params.id }}\" }
+    params_schema: { type: object, required: [id], properties: { id: { type: string } } }
+    retry: { max_attempts: 1 }
+    idempotency: { key: [id] }
+  lookup:
+    upstream: clay
+    request: { method: GET, path: /v1/lookup }
+    retry: { max_attempts: 1 }
+    fallback: { static: { known: false } }
+  queued:
+    upstream: clay
+    request: { method: POST, path: \"/v1/tables/{{ params.table_id }}/rows\", body: \"{{ params.row }}\" }
+    params_schema:
+      type: object
+      required: [table_id, row]
+      properties: { table_id: { type: string }, row: { type: object } }
+    priority: bulk
+    retry: { max_attempts: 1 }
+    idempotency: { key: [table_id, row] }
+    dlq: { max_attempts: 3, backoff: { initial: 1h, max: 2h } }
+";
+
+const FUZZ_TOKEN: &str = "fuzz-token-5e1d";
+
+/// One random request.
+#[derive(Debug, Clone)]
+struct Fuzzed {
+    guarded: bool,
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+fn fuzzed() -> impl proptest::strategy::Strategy<Value = Fuzzed> {
+    use proptest::prelude::*;
+    let segment = || {
+        prop_oneof![
+            Just("echo".to_owned()),
+            Just("keyed".to_owned()),
+            Just("lookup".to_owned()),
+            Just("queued".to_owned()),
+            Just("nope".to_owned()),
+            Just("1".to_owned()),
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("99999999999999999999".to_owned()),
+            Just("%ff".to_owned()),
+            Just("%zz".to_owned()),
+            "[A-Za-z0-9._~%-]{0,12}",
+        ]
+    };
+    let path = (
+        prop_oneof![
+            Just("/v1/operations/{}/invoke"),
+            Just("/v1/operations/{}"),
+            Just("/v1/operations"),
+            Just("/v1/breakers"),
+            Just("/v1/breakers/{}/open"),
+            Just("/v1/breakers/{}/close"),
+            Just("/v1/breakers/{}/reset"),
+            Just("/v1/breakers/{}/{}"),
+            Just("/v1/dlq"),
+            Just("/v1/dlq/{}"),
+            Just("/v1/dlq/{}/replay"),
+            Just("/v1/dlq/replay"),
+            Just("/v1/policies"),
+            Just("/v1/policies/reload"),
+            Just("/v1/policies/validate"),
+            Just("/v1/events"),
+            Just("/health"),
+            Just("/health/live"),
+            Just("/health/ready"),
+            Just("/metrics"),
+            Just("/openapi.json"),
+            Just("/{}"),
+            Just("/{}/{}/{}"),
+        ],
+        segment(),
+        segment(),
+        segment(),
+        prop_oneof![
+            Just(String::new()),
+            Just("?dry_run=true".to_owned()),
+            Just("?dry_run=perhaps".to_owned()),
+            Just("?limit=0".to_owned()),
+            Just("?limit=abc".to_owned()),
+            Just("?limit=5&after=3".to_owned()),
+            Just("?state=bogus&operation=echo".to_owned()),
+            Just("?name=../x.yaml".to_owned()),
+            Just("?strict=true&name=x.yaml".to_owned()),
+            "\\?[A-Za-z0-9=&%_.-]{0,24}",
+        ],
+    )
+        .prop_map(|(template, a, b, c, query)| {
+            let mut path = template.to_owned();
+            for s in [a, b, c] {
+                path = path.replacen("{}", &s, 1);
+            }
+            path + &query
+        });
+    let value = || {
+        prop_oneof![
+            "[ -~]{0,40}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..16),
+        ]
+    };
+    let header = |name: &'static str, known: Vec<&'static str>| {
+        let known: Vec<Vec<u8>> = known.into_iter().map(|k| k.as_bytes().to_vec()).collect();
+        proptest::option::of(prop_oneof![
+            3 => proptest::sample::select(known),
+            1 => value(),
+        ])
+        .prop_map(move |v| v.map(|v| (name, v)))
+    };
+    let headers = (
+        header(
+            "content-type",
+            vec![
+                "application/json",
+                "application/json; charset=utf-8",
+                "application/yaml",
+                "text/plain",
+                "application/x-www-form-urlencoded",
+            ],
+        ),
+        header("idempotency-key", vec!["k1", "order-42", ""]),
+        header("x-claygate-priority", vec!["bulk", "normal", "critical", "low", "x"]),
+        header(
+            "authorization",
+            vec![
+                "Bearer fuzz-token-5e1d",
+                "bearer fuzz-token-5e1d",
+                "Bearer wrong",
+                "Basic Zm9vOmJhcg==",
+                "Bearer",
+            ],
+        ),
+    )
+        .prop_map(|(a, b, c, d)| [a, b, c, d].into_iter().flatten().collect::<Vec<_>>());
+    let json_value = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        "[ -~]{0,16}".prop_map(Value::String),
+        Just(json!({"n": 1})),
+        Just(json!([1, "a"])),
+    ];
+    let params = proptest::collection::btree_map(
+        prop_oneof![
+            Just("email".to_owned()),
+            Just("id".to_owned()),
+            Just("table_id".to_owned()),
+            Just("row".to_owned()),
+            Just("operation".to_owned()),
+            Just("state".to_owned()),
+            "[a-z_]{1,8}",
+        ],
+        json_value,
+        0..4,
+    )
+    .prop_map(|m| serde_json::to_vec(&m).unwrap_or_default());
+    let body = prop_oneof![
+        Just(Vec::new()),
+        Just(b"{}".to_vec()),
+        params,
+        proptest::collection::vec(any::<u8>(), 0..256),
+        "[ -~\n]{0,200}".prop_map(String::into_bytes),
+        Just(b"version: 1\n".to_vec()),
+        Just(b"version: 1\noperations: { x: { upstream: clay, request: { method: GET, path: /x } } }\n".to_vec()),
+        Just(br#"{"files": {"a.yaml": "version: 1\n"}}"#.to_vec()),
+        Just(br#"{"files": {"../a.yaml": 5}}"#.to_vec()),
+        Just(br#"{"operation": "queued", "state": "parked"}"#.to_vec()),
+        Just(b"[1, 2".to_vec()),
+    ];
+    let anything = (
+        any::<bool>(),
+        proptest::sample::select(vec![
+            "GET", "GET", "POST", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS",
+        ]),
+        path,
+        headers.clone(),
+        body,
+    )
+        .prop_map(|(guarded, method, path, headers, body)| Fuzzed {
+            guarded,
+            method,
+            path,
+            headers,
+            body,
+        });
+    // Invokes that mostly pass the checks and reach the (answering)
+    // upstream, with the odd header thrown in.
+    let invoke = (
+        proptest::sample::select(vec![
+            ("lookup", json!({})),
+            ("echo", json!({"email": "ada@example.com"})),
+            ("keyed", json!({"id": "a"})),
+            ("queued", json!({"table_id": "t1", "row": {"n": 1}})),
+        ]),
+        headers,
+    )
+        .prop_map(|((operation, params), mut headers)| {
+            headers.retain(|(name, _)| *name != "content-type" && *name != "authorization");
+            headers.push(("content-type", b"application/json".to_vec()));
+            headers.push(("authorization", format!("Bearer {FUZZ_TOKEN}").into_bytes()));
+            Fuzzed {
+                guarded: true,
+                method: "POST",
+                path: format!("/v1/operations/{operation}/invoke"),
+                headers,
+                body: params.to_string().into_bytes(),
+            }
+        });
+    prop_oneof![3 => anything, 1 => invoke]
+}
+
+/// What must hold of any answer: no 5xx, and a JSON body (a problem
+/// document for errors), except the event stream and the metrics text.
+fn check_answer(
+    request: &Fuzzed,
+    answer: &crate::support::server::Answered,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prop_assert;
+    let text = String::from_utf8_lossy(&answer.body);
+    prop_assert!(
+        answer.status < 500,
+        "{} {} answered {}: {text}",
+        request.method,
+        request.path,
+        answer.status
+    );
+    prop_assert!(
+        !text.contains("test-secret-key") && !text.contains(FUZZ_TOKEN),
+        "a secret in the answer: {text}"
+    );
+    if request.method == "HEAD" {
+        return Ok(());
+    }
+    let content_type = answer.content_type();
+    if content_type.starts_with("text/event-stream") {
+        prop_assert!(answer.status == 200, "an event stream is a 200");
+        return Ok(());
+    }
+    if content_type.starts_with("application/openmetrics-text") {
+        prop_assert!(answer.status == 200 && text.ends_with("# EOF\n"), "{text}");
+        return Ok(());
+    }
+    prop_assert!(
+        [
+            "application/json",
+            "application/problem+json",
+            "application/health+json"
+        ]
+        .iter()
+        .any(|t| content_type.starts_with(t)),
+        "{} {} answered {} as `{content_type}`: {text}",
+        request.method,
+        request.path,
+        answer.status
+    );
+    let body: Value = serde_json::from_slice(&answer.body).map_err(|e| {
+        proptest::test_runner::TestCaseError::fail(format!("not JSON ({e}): {text}"))
+    })?;
+    if answer.status >= 400 {
+        prop_assert!(
+            content_type == "application/problem+json"
+                && body["code"].is_string()
+                && body["status"] == answer.status,
+            "{} {} answered {}: {body:#}",
+            request.method,
+            request.path,
+            answer.status
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn random_requests_never_get_a_500_and_always_get_json() {
+    use crate::support::script::Script;
+    use crate::support::server::in_process;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let script = Script::new();
+    let (open, guarded) = runtime.block_on(async {
+        (
+            in_process(FUZZ_POLICY, &script, None).await,
+            in_process(FUZZ_POLICY, &script, Some(FUZZ_TOKEN)).await,
+        )
+    });
+    let config = proptest::test_runner::Config {
+        cases: 1000,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&fuzzed(), |request| {
+        let rig = if request.guarded { &guarded } else { &open };
+        let mut builder = http::Request::builder()
+            .method(request.method)
+            .uri(request.path.as_str());
+        for (name, value) in &request.headers {
+            if let Ok(v) = http::HeaderValue::from_bytes(value) {
+                builder = builder.header(*name, v);
+            }
+        }
+        // A path `http` cannot parse never reaches a server.
+        let Ok(built) = builder.body(axum::body::Body::from(request.body.clone())) else {
+            return Ok(());
+        };
+        let answer = runtime.block_on(rig.send(built));
+        // One request's breaker control must not decide the next one's answer.
+        for rig in [&open, &guarded] {
+            for pipeline in rig.runtime().compiled().operations.values() {
+                pipeline.breaker.reset();
+            }
+        }
+        check_answer(&request, &answer)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(script.hits() > 0, "some requests reached the upstream");
+}
