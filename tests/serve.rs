@@ -775,6 +775,95 @@ async fn a_store_that_cannot_be_flushed_makes_the_stop_an_error() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_check_never_echoes_an_environment_value() {
+    const SECRET: &str = "sk-live-9f8e7d-never-echoed";
+    // `${env:CLAY_API_KEY}:` expands to `sk-live-…:`, a URL whose scheme is the secret.
+    const LEAKY: &str = "version: 1
+upstreams:
+  leaky:
+    base_url: \"${env:CLAY_API_KEY}:\"
+operations:
+  leak:
+    upstream: leaky
+    request: { method: POST, path: /x }
+    retry: { max_attempts: 1 }
+    dlq: { alert: { webhook: \"${env:CLAY_API_KEY}:\" } }
+";
+    let policies = tempdir();
+    let data = tempdir();
+    write(policies.path(), "clay.yaml", &policy("http://127.0.0.1:9"));
+    let env = [("CLAY_API_KEY", SECRET)];
+    let server = serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--policies",
+            path_str(policies.path()),
+            "--data",
+            path_str(data.path()),
+            "--no-watch",
+        ],
+        &env,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let expected = [
+        "base_url: the value of `${env:CLAY_API_KEY}:` is not an http or https URL with a host",
+        "webhook: the value of `${env:CLAY_API_KEY}:` is not an http or https URL with a host",
+    ];
+
+    // Posted for validation.
+    let answer = client
+        .post(server.url("/v1/policies/validate?name=leaky.yaml"))
+        .header("content-type", "application/yaml")
+        .body(LEAKY)
+        .send()
+        .await
+        .expect("POST")
+        .text()
+        .await
+        .expect("body");
+    assert!(!answer.contains(SECRET), "validation echoes the secret: {answer}");
+    for message in expected {
+        assert!(answer.contains(message), "missing {message:?}: {answer}");
+    }
+
+    // Saved and reloaded: refused, and neither the refusal nor the history says it.
+    write(policies.path(), "leaky.yaml", LEAKY);
+    let response = client
+        .post(server.url("/v1/policies/reload"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 422);
+    let refusal = response.text().await.expect("body");
+    assert!(!refusal.contains(SECRET), "{refusal}");
+    assert!(refusal.contains(expected[0]), "{refusal}");
+    let history = client
+        .get(server.url("/v1/policies"))
+        .send()
+        .await
+        .expect("GET")
+        .text()
+        .await
+        .expect("body");
+    assert!(!history.contains(SECRET), "{history}");
+    assert!(history.contains(expected[0]), "{history}");
+    assert!(!text(&server.stderr).contains(SECRET), "the logs echo it");
+
+    // `claygate validate` says the same.
+    let out = claygate()
+        .args(["validate", "--color", "never", path_str(policies.path())])
+        .env("CLAY_API_KEY", SECRET)
+        .output()
+        .expect("validate runs");
+    assert_eq!(out.status.code(), Some(1));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains(SECRET), "{printed}");
+    assert!(printed.contains(expected[1]), "{printed}");
+}
+
 #[test]
 fn openapi_prints_the_description() {
     let out = claygate().arg("openapi").output().expect("runs");

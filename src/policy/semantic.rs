@@ -426,7 +426,13 @@ impl Checker<'_> {
             let file = homes.upstreams[name];
             let base = ptr(&["upstreams", name]);
             if let Some(url) = expand_if_set(&u.base_url) {
-                self.url(file, &push_segment(&base, "base_url"), &url, "base_url");
+                self.url(
+                    file,
+                    &push_segment(&base, "base_url"),
+                    &u.base_url,
+                    &url,
+                    "base_url",
+                );
             }
             for header in u.headers.keys() {
                 self.header_name(file, &ptr(&["upstreams", name, "headers", header]), header);
@@ -533,26 +539,44 @@ impl Checker<'_> {
         false
     }
 
-    fn url(&mut self, file: usize, pointer: &str, sample: &str, what: &str) {
-        match url::Url::parse(sample) {
+    /// Checks that `expanded` (the policy's `written` text with its
+    /// `${env:…}` references filled in) is an http(s) URL with a host. The
+    /// expanded text is never echoed when it came from the environment: a
+    /// posted `base_url: "${env:CLAY_API_KEY}:"` must not answer the key.
+    fn url(&mut self, file: usize, pointer: &str, written: &str, expanded: &str, what: &str) {
+        let from_env = EnvString::parse(written)
+            .ok()
+            .filter(EnvString::has_references);
+        let subject = match &from_env {
+            // The source form: the references, not their values.
+            Some(template) => format!("{what}: the value of `{template}`"),
+            None => what.to_owned(),
+        };
+        match url::Url::parse(expanded) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             Ok(u) => {
+                let found = if from_env.is_some() {
+                    String::new()
+                } else if matches!(u.scheme(), "http" | "https") {
+                    ", found no host".to_owned()
+                } else {
+                    format!(", found scheme `{}`", u.scheme())
+                };
                 self.error(
                     Code::InvalidUrl,
                     file,
                     pointer,
-                    format!(
-                        "{what} must be an http or https URL with a host, found scheme `{}`",
-                        u.scheme()
-                    ),
+                    format!("{subject} is not an http or https URL with a host{found}"),
                 );
             }
             Err(e) => {
+                // `url`'s parse errors are fixed texts ("invalid port
+                // number"), never the input.
                 self.error(
                     Code::InvalidUrl,
                     file,
                     pointer,
-                    format!("{what} is not a URL: {e}"),
+                    format!("{subject} is not a URL: {e}"),
                 )
                 .hint = Some("write it like `https://api.clay.com`".into());
             }
@@ -916,7 +940,7 @@ impl Checker<'_> {
             if let Some(hook) = dlq.alert.as_ref().and_then(|a| a.webhook.as_ref())
                 && let Some(url) = expand_if_set(hook).filter(|u| !u.is_empty())
             {
-                self.url(file, &at(&["dlq", "alert", "webhook"]), &url, "webhook");
+                self.url(file, &at(&["dlq", "alert", "webhook"]), hook, &url, "webhook");
             }
             if let Some(idem) = &op.idempotency {
                 let backoff = dlq.backoff.clone().unwrap_or_else(default_dlq_backoff);
