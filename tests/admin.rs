@@ -841,7 +841,10 @@ async fn a_listener_that_falls_behind_hears_how_many_events_it_missed() {
     }
     let frame = events.next().await;
     assert_eq!(frame.event.as_deref(), Some("lagged"), "{frame:?}");
-    assert_eq!(frame.id, None, "a lagged notice is not an event of the stream");
+    assert_eq!(
+        frame.id, None,
+        "a lagged notice is not an event of the stream"
+    );
     let lagged = frame.json();
     let missed = lagged["missed"].as_u64().unwrap_or(0);
     let capacity = claygate::events::CAPACITY as u64;
@@ -856,7 +859,10 @@ async fn a_listener_that_falls_behind_hears_how_many_events_it_missed() {
     // The ids say so too: the first after the gap counts the missed ones,
     // and the stream is contiguous again from there.
     let after = frame.id.unwrap_or_else(|| panic!("an `id:`: {frame:?}"));
-    assert!(after > missed, "id {after} counts the {missed} missed events");
+    assert!(
+        after > missed,
+        "id {after} counts the {missed} missed events"
+    );
     let following = events.next_frame_of("reload", |_| true).await;
     assert_eq!(following.id, Some(after + 1), "{following:?}");
 }
@@ -1404,7 +1410,9 @@ async fn openapi_document_is_committed_served_and_complete() {
         "#/components/schemas/Problem"
     );
     let invoke = &document["paths"]["/v1/operations/{name}/invoke"]["post"]["responses"];
-    for status in ["400", "404", "409", "413", "415", "422", "429", "502", "503", "504"] {
+    for status in [
+        "400", "404", "409", "413", "415", "422", "429", "502", "503", "504",
+    ] {
         assert!(
             invoke[status].is_object(),
             "invoke documents {status}: {invoke:#}"
@@ -1599,7 +1607,10 @@ fn fuzzed() -> impl proptest::strategy::Strategy<Value = Fuzzed> {
             ],
         ),
         header("idempotency-key", vec!["k1", "order-42", ""]),
-        header("x-claygate-priority", vec!["bulk", "normal", "critical", "low", "x"]),
+        header(
+            "x-claygate-priority",
+            vec!["bulk", "normal", "critical", "low", "x"],
+        ),
         header(
             "authorization",
             vec![

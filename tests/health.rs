@@ -662,7 +662,9 @@ async fn retries_fallbacks_replays_transitions_latency_and_bulkhead_gauges_move(
         assert!(!text.contains(absent), "`{absent}` moved:\n{text}");
     }
     assert!(
-        text.contains("claygate_invoke_duration_seconds_bucket{le=\"+Inf\",operation=\"retried\"} 1"),
+        text.contains(
+            "claygate_invoke_duration_seconds_bucket{le=\"+Inf\",operation=\"retried\"} 1"
+        ),
         "a latency histogram:\n{text}"
     );
 
@@ -687,7 +689,10 @@ async fn retries_fallbacks_replays_transitions_latency_and_bulkhead_gauges_move(
     let holder = spawn();
     let started = tokio::time::Instant::now();
     while script.hits() == hits {
-        assert!(started.elapsed() < PATIENCE, "the holder never reached the upstream");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the holder never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let waiter = spawn();

@@ -504,7 +504,9 @@ async fn a_lowered_priority_takes_that_class_and_a_raised_one_is_not_granted() {
     let (_, body) = problem(response, 400, "bad_priority").await;
     let detail = body["detail"].as_str().unwrap_or_default();
     assert!(
-        detail.contains("`low`") && detail.contains("`ranked`") && detail.contains("critical, normal, bulk"),
+        detail.contains("`low`")
+            && detail.contains("`ranked`")
+            && detail.contains("critical, normal, bulk"),
         "names the classes the upstream has: {detail}"
     );
     let response = call("ranked", Some("urgent")).await.expect("call");
@@ -592,7 +594,10 @@ async fn the_deadline_ends_the_call_at_the_deadline_on_the_paused_clock() {
         "ended at the deadline: {elapsed:?}"
     );
     let latency = body["meta"]["latency_ms"].as_f64().unwrap_or(-1.0);
-    assert!((300.0..305.0).contains(&latency), "meta.latency_ms {latency}");
+    assert!(
+        (300.0..305.0).contains(&latency),
+        "meta.latency_ms {latency}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

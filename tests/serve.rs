@@ -734,7 +734,10 @@ async fn policies_data_and_listen_come_from_the_environment() {
     let left: Vec<_> = std::fs::read_dir(cwd.path())
         .expect("read the working directory")
         .collect();
-    assert!(left.is_empty(), "nothing written to the working directory: {left:?}");
+    assert!(
+        left.is_empty(),
+        "nothing written to the working directory: {left:?}"
+    );
     // The dead letter is in the store under CLAYGATE_DATA.
     let store = SqliteStore::open(data.path())
         .await
@@ -824,7 +827,10 @@ operations:
         .text()
         .await
         .expect("body");
-    assert!(!answer.contains(SECRET), "validation echoes the secret: {answer}");
+    assert!(
+        !answer.contains(SECRET),
+        "validation echoes the secret: {answer}"
+    );
     for message in expected {
         assert!(answer.contains(message), "missing {message:?}: {answer}");
     }

@@ -28,9 +28,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
+use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use tower_http::catch_panic::CatchPanicLayer;
 use utoipa_axum::router::OpenApiRouter;
 
 use self::error::{ApiError, rejection};
@@ -357,7 +357,12 @@ mod tests {
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
-        for value in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret ", "Bearer\ts3cret"] {
+        for value in [
+            "Bearer s3cret",
+            "bearer s3cret",
+            "BEARER  s3cret ",
+            "Bearer\ts3cret",
+        ] {
             assert_eq!(bearer_token(value), Some("s3cret"), "{value:?}");
         }
         for value in ["Basic s3cret", "Bearer", "Bearer ", "Bearers3cret", ""] {
@@ -389,7 +394,10 @@ mod tests {
             .expect("an answer, not a dropped connection");
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(
-            response.headers().get(header::CONTENT_TYPE).map(|v| v.as_bytes()),
+            response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
             Some(&b"application/problem+json"[..])
         );
         let body = axum::body::to_bytes(response.into_body(), 64 * 1024)

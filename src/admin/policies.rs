@@ -384,7 +384,10 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<PolicyStatus>,
     let reloader = reloader(&state)?;
     Ok(Json(PolicyStatus {
         generation: GenerationView::from(reloader.current().as_ref()),
-        watching: state.shared.watching.load(std::sync::atomic::Ordering::Acquire),
+        watching: state
+            .shared
+            .watching
+            .load(std::sync::atomic::Ordering::Acquire),
         history: reloader.history().iter().map(ReloadView::from).collect(),
     }))
 }

@@ -940,7 +940,13 @@ impl Checker<'_> {
             if let Some(hook) = dlq.alert.as_ref().and_then(|a| a.webhook.as_ref())
                 && let Some(url) = expand_if_set(hook).filter(|u| !u.is_empty())
             {
-                self.url(file, &at(&["dlq", "alert", "webhook"]), hook, &url, "webhook");
+                self.url(
+                    file,
+                    &at(&["dlq", "alert", "webhook"]),
+                    hook,
+                    &url,
+                    "webhook",
+                );
             }
             if let Some(idem) = &op.idempotency {
                 let backoff = dlq.backoff.clone().unwrap_or_else(default_dlq_backoff);
