@@ -99,7 +99,10 @@ impl Pipeline {
     /// Runs one call through every layer.
     pub async fn call(&self, invocation: &Invocation) -> Outcome {
         let started = Instant::now();
-        let span = tracing::info_span!(
+        // Debug level: nothing inside a call logs at info or above, and an
+        // enabled span costs field formatting on every call (7% of an
+        // invoke at the default level, measured with callgrind).
+        let span = tracing::debug_span!(
             "invoke",
             operation = %self.name,
             outcome = tracing::field::Empty,
