@@ -82,7 +82,6 @@ fn fault() -> impl Strategy<Value = Fault> {
 struct Request {
     id: String,
     key: Option<String>,
-    processed: bool,
     /// A 2xx answer that reached claygate.
     answered_ok: bool,
 }
@@ -152,10 +151,6 @@ impl Transport for Upstream {
                 state.log.push(Request {
                     id,
                     key: key.clone(),
-                    processed: matches!(
-                        fault,
-                        Fault::Ok | Fault::ProcessedThen503 | Fault::ProcessedThenHang
-                    ),
                     answered_ok: false,
                 });
                 (state.log.len() - 1, fault)
@@ -344,10 +339,10 @@ async fn run_case(
             .await
             .expect("claim");
         if matches!(claim, claygate::store::Claim::Claimed(_)) && *processed {
+            // Processed, but the answer died with the process.
             upstream.lock().log.push(Request {
                 id: id.clone(),
                 key: Some(key_of(&id)),
-                processed: true,
                 answered_ok: false,
             });
         }
@@ -431,43 +426,44 @@ async fn run_case(
         }
     }
 
-    let state = upstream.lock();
-    // Every request carried its call's key: the same one on every resend.
-    for r in &state.log {
-        let key = key_of(&r.id);
-        prop_assert_eq!(r.key.as_deref(), Some(key.as_str()), "{:?}", r);
-    }
-    // One key is never sent twice at once ...
-    prop_assert!(
-        state.overlaps.is_empty(),
-        "overlapping sends: {:?}",
-        state.overlaps
-    );
-    // ... and never again once claygate saw it delivered.
-    let mut delivered: BTreeSet<&str> = BTreeSet::new();
-    for r in &state.log {
+    {
+        let state = upstream.lock();
+        // Every request carried its call's key: the same one on every resend.
+        for r in &state.log {
+            let key = key_of(&r.id);
+            prop_assert_eq!(r.key.as_deref(), Some(key.as_str()), "{:?}", r);
+        }
+        // One key is never sent twice at once ...
         prop_assert!(
-            !delivered.contains(r.id.as_str()),
-            "{} was sent again after its delivery",
-            r.id
+            state.overlaps.is_empty(),
+            "overlapping sends: {:?}",
+            state.overlaps
         );
-        if r.answered_ok {
-            delivered.insert(r.id.as_str());
+        // ... and never again once claygate saw it delivered.
+        let mut delivered: BTreeSet<&str> = BTreeSet::new();
+        for r in &state.log {
+            prop_assert!(
+                !delivered.contains(r.id.as_str()),
+                "{} was sent again after its delivery",
+                r.id
+            );
+            if r.answered_ok {
+                delivered.insert(r.id.as_str());
+            }
+        }
+        // Every accepted call was delivered (processed upstream), unless parked.
+        for (id, end) in &first {
+            if matches!(end, End::Refused(_)) || parked.contains(id) {
+                continue;
+            }
+            prop_assert!(
+                delivered.contains(id.as_str()),
+                "{} was accepted ({:?}) but never delivered",
+                id,
+                end
+            );
         }
     }
-    // Every accepted call was delivered (processed upstream), unless parked.
-    for (id, end) in &first {
-        if matches!(end, End::Refused(_)) || parked.contains(id) {
-            continue;
-        }
-        prop_assert!(
-            delivered.contains(id.as_str()),
-            "{} was accepted ({:?}) but never delivered",
-            id,
-            end
-        );
-    }
-    drop(state);
 
     // Duplicates after everything settled: none is sent, each answers the
     // outcome of its key.
