@@ -26,7 +26,7 @@ use crate::dlq::DlqConfig;
 use crate::pipeline::breaker::{Breaker, BreakerConfig};
 use crate::pipeline::bulkhead::{Bulkhead, BulkheadConfig};
 use crate::pipeline::compose::{Pipeline, UpstreamRuntime};
-use crate::pipeline::fallback::{CacheConfig, DEFAULT_MAX_ENTRIES, Fallback, MemoryCache};
+use crate::pipeline::fallback::{CacheConfig, Fallback, MemoryCache};
 use crate::pipeline::http::{CompiledRequest, HttpConfig, ReqwestTransport, Transport};
 use crate::pipeline::idempotency::IdempotencyConfig;
 use crate::pipeline::rate_limit::{RateLimitConfig, RateLimiter};
@@ -376,18 +376,11 @@ fn fallback_of(
     before: Option<&Arc<Pipeline>>,
 ) -> Option<Fallback> {
     let policy = op.fallback.as_ref()?;
-    let cache = policy.cache.as_ref().map(|c| CacheConfig {
-        fresh: c.fresh.to_std(),
-        stale: c.stale.to_std(),
-        very_stale: c.very_stale.to_std(),
-        key: c.key.clone(),
-        max_entries: c.max_entries.map_or(DEFAULT_MAX_ENTRIES, |n| {
-            usize::try_from(n).unwrap_or(usize::MAX)
-        }),
-    });
+    let cache = policy.cache.as_ref().map(CacheConfig::from_policy);
     let memory = match (before.and_then(|b| b.fallback.as_ref()), &cache) {
         (Some(old), Some(new)) if old.cache.as_ref() == Some(new) => Arc::clone(&old.memory),
-        _ => MemoryCache::new(cache.as_ref().map_or(1, |c| c.max_entries)),
+        (_, Some(new)) => MemoryCache::for_config(new),
+        (_, None) => MemoryCache::new(1, 0),
     };
     Some(Fallback {
         cache,

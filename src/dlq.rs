@@ -28,17 +28,25 @@
 //!   due `backoff.delay(n)` after the previous attempt ended, at least as
 //!   long as a `Retry-After` the upstream sent.
 //! * **Delivered.** A 2xx answer. When the entry has an idempotency key, the
-//!   answer is also stored as the key's completed record, so a duplicate of
-//!   the original call now replays the delivered answer instead of
-//!   "queued".
+//!   answer is also stored as the key's completed record (in the same
+//!   transaction, and only while the record is still the entry's), so a
+//!   duplicate of the original call now replays the delivered answer
+//!   instead of "queued".
 //! * **Parked.** Out of attempts (`max_attempts` redrives), or a permanent
 //!   failure (a 4xx other than 408/429, params the template or the schema
 //!   now refuse). Nothing retries a parked entry by itself: it needs a human
 //!   ([`replay_one`], [`replay_matching`], or a delete). Parking raises an
-//!   alert (see [`RedriveState`] for the counters).
+//!   alert (see [`RedriveState`] for the counters). The entry's idempotency
+//!   record becomes `parked`, so a duplicate of the original call hears
+//!   `dead_lettered_parked` (naming the entry) instead of "queued"; a
+//!   permanent upstream answer is stored as the record's answer instead. A
+//!   due row that cannot be read back is parked too (`unreadable_record`,
+//!   no expiry), so it cannot block the queue; listings show it as a stub.
 //! * **Retention.** Delivered and parked entries are kept for `retention`
 //!   (default 14 days), then removed by the worker's sweep. Pending entries
-//!   are never swept.
+//!   are never swept. Deleting or purging an entry drops its queued or
+//!   parked idempotency record: the work is gone, and a retry may run it
+//!   afresh.
 //!
 //! # Waiting on the breaker
 //!
@@ -105,7 +113,7 @@ use crate::policy::effective::default_dlq_backoff;
 use crate::policy::model::{BreakerMode, Condition, DlqPolicy, Priority};
 use crate::runtime::Runtime;
 use crate::store::{
-    DeadLetter, DlqFilter, DlqState, DlqUpdate, StoreError, StoreResult, StoredResponse,
+    DeadLetter, DlqFilter, DlqState, DlqUpdate, StoreError, StoreResult, UnreadableDeadLetter,
 };
 
 /// Redrive attempts before an entry is parked, when the policy does not say.
@@ -226,6 +234,10 @@ pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WEBHOOK_ATTEMPTS: u32 = 4;
 /// Wait before the second webhook request; doubles after each.
 pub const WEBHOOK_BACKOFF: Duration = Duration::from_secs(1);
+/// How long fallback-cache rows of an operation no longer serving with a
+/// cache (removed by a reload, or its cache dropped) are kept before the
+/// sweep removes them: long enough for a reload to be undone.
+pub const ORPHAN_CACHE_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
 /// A pass takes at most this many seconds' worth (at `redrive_rate`) of one
 /// operation's due entries.
 const BATCH_SECONDS: u32 = 10;
@@ -346,16 +358,21 @@ impl RedriveState {
             .map_err(String::as_str)
     }
 
-    /// POSTs the alert of parked `entry` to `url` in a task of its own,
-    /// retrying with back-off; the outcome lands in the counters.
-    fn post_alert(&self, url: &Url, entry: &DeadLetter, metrics: Arc<crate::metrics::Metrics>) {
+    /// POSTs the alert `body` about entry `id` to `url` in a task of its
+    /// own, retrying with back-off; the outcome lands in the counters.
+    fn post_alert(
+        &self,
+        url: &Url,
+        id: i64,
+        body: &serde_json::Value,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) {
         let stats = Arc::clone(&self.alerts);
         let host = url.host_str().unwrap_or_default().to_owned();
-        let body = serde_json::json!({ "event": "dead_letter_parked", "entry": entry });
-        let body = match serde_json::to_vec(&body) {
+        let body = match serde_json::to_vec(body) {
             Ok(b) => bytes::Bytes::from(b),
             Err(e) => {
-                tracing::error!(id = entry.id, host, error = %e, "cannot encode the alert webhook body");
+                tracing::error!(id, host, error = %e, "cannot encode the alert webhook body");
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 metrics.alert_failures.inc();
                 return;
@@ -364,19 +381,13 @@ impl RedriveState {
         let client = match self.client() {
             Ok(c) => c.clone(),
             Err(reason) => {
-                tracing::error!(
-                    id = entry.id,
-                    host,
-                    reason,
-                    "cannot build the alert webhook client"
-                );
+                tracing::error!(id, host, reason, "cannot build the alert webhook client");
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 metrics.alert_failures.inc();
                 return;
             }
         };
         let url = url.clone();
-        let id = entry.id;
         stats.in_flight.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let delivered = deliver_alert(&client, &url, &host, body, id).await;
@@ -512,7 +523,8 @@ pub struct SweepReport {
     pub dead_letters: u64,
     /// Expired idempotency records.
     pub idempotency_records: u64,
-    /// Cache entries older than `very_stale`, or beyond `max_entries`.
+    /// Cache entries older than `very_stale`, beyond `max_entries`, or of an
+    /// operation that no longer has a cache (after [`ORPHAN_CACHE_RETENTION`]).
     pub cache_entries: u64,
     /// Store calls that failed (logged).
     pub store_errors: u64,
@@ -635,8 +647,19 @@ async fn redrive_operation(
             return report;
         }
     };
-    report.more_due = due.len() >= usize::try_from(batch).unwrap_or(usize::MAX);
-    for listed in due {
+    let rows = due.entries.len() + due.unreadable.len();
+    report.more_due = rows >= usize::try_from(batch).unwrap_or(usize::MAX);
+    for stub in &due.unreadable {
+        match park_unreadable(runtime, pipeline, config, stub).await {
+            Ok(true) => report.parked += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(operation = name, id = stub.id, error = %e, "cannot park an unreadable dead letter");
+                report.store_errors += 1;
+            }
+        }
+    }
+    for listed in due.entries {
         if stop.as_ref().is_some_and(stopping) {
             break;
         }
@@ -759,13 +782,18 @@ async fn redrive_entry(
     let (result, attempts) = send(pipeline, entry).await;
     let now = runtime.clock.now();
     let retention_end = now.saturating_add(millis(config.retention));
+    // The key's record replays an answer for the key's ttl; a parked record
+    // (no answer) lives no longer than its entry.
+    let key_end = now.saturating_add(millis(pipeline.idempotency.ttl));
     let failure = match result {
         Ok(reply) => {
             let response = crate::runtime::stored(&reply);
+            let status = response.status;
             let update = DlqUpdate::Delivered {
                 at: now,
-                status: response.status,
+                response,
                 expires_at: retention_end,
+                key_expires_at: key_end,
             };
             let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
                 tracing::info!(
@@ -775,9 +803,6 @@ async fn redrive_entry(
                 );
                 return Ok(Done::Gone);
             };
-            if let Some(key) = &entry.idempotency_key {
-                remember_answer(runtime, pipeline, key, &response, now).await;
-            }
             runtime.redrive.delivered.fetch_add(1, Ordering::Relaxed);
             runtime
                 .metrics
@@ -788,7 +813,7 @@ async fn redrive_entry(
                 operation = name,
                 id = entry.id,
                 redrive_attempts = updated.redrive_attempts,
-                status = response.status,
+                status,
                 "dead letter delivered"
             );
             runtime.events.emit(Event::Delivered {
@@ -807,6 +832,18 @@ async fn redrive_entry(
     let error_code = failure.code().to_owned();
     let error_message = failure.to_string();
     let permanent = !is_dead_letterable(&failure, &pipeline.retry.on);
+    // A permanent upstream answer is the call's result: a duplicate of the
+    // original call replays it (as a live call's 4xx is replayed) instead of
+    // hearing "queued" or "parked".
+    let answer = match (&failure, permanent) {
+        (Failure::Status(reply), true) => Some(crate::runtime::stored(reply)),
+        _ => None,
+    };
+    let parked_key_end = if answer.is_some() {
+        key_end
+    } else {
+        key_end.min(retention_end)
+    };
     // This redrive's number (1 is the first); `max_attempts` redrives in all.
     let number = entry.redrive_attempts.saturating_add(1);
     if entry.state == DlqState::Parked {
@@ -817,6 +854,8 @@ async fn redrive_entry(
             error_code,
             error_message,
             expires_at: retention_end,
+            answer,
+            key_expires_at: parked_key_end,
         };
         let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
             return Ok(Done::Gone);
@@ -859,16 +898,12 @@ async fn redrive_entry(
         error_code,
         error_message,
         expires_at: retention_end,
+        answer,
+        key_expires_at: parked_key_end,
     };
     let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
         return Ok(Done::Gone);
     };
-    // A permanent upstream answer is the call's result: a duplicate of the
-    // original call replays it (as a live call's 4xx is replayed) instead of
-    // hearing "queued" forever.
-    if permanent && let (Some(key), Failure::Status(reply)) = (&entry.idempotency_key, &failure) {
-        remember_answer(runtime, pipeline, key, &crate::runtime::stored(reply), now).await;
-    }
     alert(
         runtime,
         config.alert_webhook.as_ref(),
@@ -879,23 +914,59 @@ async fn redrive_entry(
     Ok(Done::Parked(updated))
 }
 
-/// Stores `response` as the completed answer of idempotency `key`; a
-/// failure only loses deduplication, so it is logged, not returned.
-async fn remember_answer(
+/// Parks due row `stub`, which cannot be read back, so it stops holding up
+/// its operation's queue, and raises the alert (as for any parked entry).
+/// Answers whether it was parked (`false`: no longer pending).
+async fn park_unreadable(
     runtime: &Runtime,
     pipeline: &Pipeline,
-    key: &str,
-    response: &StoredResponse,
-    now: UnixMillis,
-) {
-    let expires_at = now.saturating_add(millis(pipeline.idempotency.ttl));
-    if let Err(e) = runtime
+    config: &DlqConfig,
+    stub: &UnreadableDeadLetter,
+) -> StoreResult<bool> {
+    let now = runtime.clock.now();
+    let reason = format!("the stored entry cannot be read back: {}", stub.reason);
+    if !runtime
         .store
-        .idempotency_complete(&pipeline.name, key, response, expires_at)
-        .await
+        .dlq_park_unreadable(stub.id, &reason, now)
+        .await?
     {
-        tracing::warn!(operation = %pipeline.name, error = %e, "cannot record the redrive's answer for idempotent replay");
+        return Ok(false);
     }
+    runtime.redrive.parked.fetch_add(1, Ordering::Relaxed);
+    runtime
+        .metrics
+        .parked
+        .get_or_create(&crate::metrics::op(&pipeline.name))
+        .inc();
+    tracing::error!(
+        id = stub.id,
+        operation = %pipeline.name,
+        error = "unreadable_record",
+        reason = %stub.reason,
+        "dead letter parked: its stored row cannot be read back (inspect the listing's `unreadable`, then delete it)"
+    );
+    runtime.events.emit(Event::Parked {
+        id: stub.id,
+        operation: pipeline.name.clone(),
+        error_code: "unreadable_record".into(),
+        at: now,
+    });
+    if let Some(url) = &config.alert_webhook {
+        let body = serde_json::json!({
+            "event": "dead_letter_parked",
+            "entry": {
+                "id": stub.id,
+                "operation": pipeline.name,
+                "state": "parked",
+                "error_code": "unreadable_record",
+                "error_message": reason,
+            }
+        });
+        runtime
+            .redrive
+            .post_alert(url, stub.id, &body, Arc::clone(&runtime.metrics));
+    }
+    Ok(true)
 }
 
 /// Raises the alert of a newly parked entry: error log (id, operation and
@@ -930,9 +1001,10 @@ fn alert(
         at: now,
     });
     if let Some(url) = webhook {
+        let body = serde_json::json!({ "event": "dead_letter_parked", "entry": entry });
         runtime
             .redrive
-            .post_alert(url, entry, Arc::clone(&runtime.metrics));
+            .post_alert(url, entry.id, &body, Arc::clone(&runtime.metrics));
     }
 }
 
@@ -955,7 +1027,10 @@ async fn send(pipeline: &Pipeline, entry: &DeadLetter) -> (Result<Reply, Failure
         idempotency_key: entry.idempotency_key.clone(),
     };
     let outcome = pipeline.call(&invocation).await;
-    (outcome.result, outcome.attempts)
+    let result = outcome
+        .result
+        .map_err(|f| crate::runtime::scrub_failure(pipeline, f));
+    (result, outcome.attempts)
 }
 
 /// A refusal of our own layers that sent nothing and says nothing about the
@@ -1045,9 +1120,11 @@ pub async fn replay_matching(runtime: &Runtime, filter: &DlqFilter) -> StoreResu
 }
 
 /// Removes what has expired: delivered and parked dead letters past their
-/// retention, idempotency records past their ttl, and per operation with a
-/// fallback cache, entries older than `very_stale` and beyond `max_entries`.
-/// Store errors are logged and counted.
+/// retention, idempotency records past their ttl, per operation with a
+/// fallback cache, entries older than `very_stale` and beyond `max_entries`,
+/// and cache entries of operations serving without a cache (or not at all)
+/// older than [`ORPHAN_CACHE_RETENTION`]. Store errors are logged and
+/// counted.
 pub async fn sweep(runtime: &Runtime) -> SweepReport {
     let now = runtime.clock.now();
     let mut report = SweepReport::default();
@@ -1066,10 +1143,12 @@ pub async fn sweep(runtime: &Runtime) -> SweepReport {
         }
     }
     let compiled = runtime.compiled();
+    let mut cached = Vec::new();
     for pipeline in compiled.operations.values() {
         let Some(cache) = pipeline.fallback.as_ref().and_then(|f| f.cache.as_ref()) else {
             continue;
         };
+        cached.push(pipeline.name.clone());
         let before = now.saturating_sub(millis(cache.very_stale));
         let keep = u64::try_from(cache.max_entries).unwrap_or(u64::MAX);
         match runtime
@@ -1082,6 +1161,16 @@ pub async fn sweep(runtime: &Runtime) -> SweepReport {
                 tracing::warn!(operation = %pipeline.name, error = %e, "cannot sweep the fallback cache");
                 report.store_errors += 1;
             }
+        }
+    }
+    // Rows of operations that no longer serve with a cache: kept a while
+    // (a reload may be undone), then swept.
+    let before = now.saturating_sub(millis(ORPHAN_CACHE_RETENTION));
+    match runtime.store.cache_sweep_others(&cached, before).await {
+        Ok(n) => report.cache_entries += n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot sweep the fallback cache of removed operations");
+            report.store_errors += 1;
         }
     }
     lock(&runtime.redrive.pacers)

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::compile::{DEFAULT_IDEMPOTENCY_HEADER, DEFAULT_MAX_RESPONSE_BYTES};
+use crate::pipeline::fallback::{DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES};
 use crate::policy::PolicySet;
 use crate::policy::effective::{
     EffectiveBreaker, EffectiveRetry, Source, Sourced, default_dlq_backoff, timeout_ref,
@@ -148,6 +149,26 @@ pub fn explain(set: &PolicySet, name: &str) -> Option<Explanation> {
                     c.fresh, c.stale, c.very_stale
                 ),
                 "operation",
+            ));
+            fallback.push(fixed(
+                "cache.max_entries",
+                c.max_entries
+                    .map_or(DEFAULT_MAX_ENTRIES.to_string(), |n| n.to_string()),
+                if c.max_entries.is_some() {
+                    "operation"
+                } else {
+                    "built-in"
+                },
+            ));
+            fallback.push(fixed(
+                "cache.max_bytes",
+                c.max_bytes
+                    .map_or(DEFAULT_MAX_BYTES.to_string(), |n| n.to_string()),
+                if c.max_bytes.is_some() {
+                    "operation"
+                } else {
+                    "built-in"
+                },
             ));
         }
         if let Some(v) = &f.static_value {

@@ -13,8 +13,20 @@
 //! client disconnecting) cannot cancel it half-way: the answer is still
 //! stored for replay, or the dead letter still written. Nothing accepted is
 //! lost; see [`Answer`] for the four ways a call ends.
+//!
+//! The runtime owns admission: a call is counted before it checks whether
+//! the runtime is closing (both sequentially consistent), and
+//! [`Runtime::drain`] sets `closing` before it counts. So a call either is
+//! refused (`draining`) or is seen by the drain, which waits for it and then
+//! interrupts it (dead-lettering it when its operation has a DLQ): no call
+//! slips in between a shutdown's count and its exit.
+//!
+//! Upstream error bodies and transport messages are scrubbed of the
+//! upstream's and the operation's header values (where `${env:…}` secrets
+//! live) before anything answers, stores or dead-letters them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,7 +44,8 @@ use crate::pipeline::idempotency::{self, InFlight, Joined, KeyError};
 use crate::pipeline::{Failure, Reply};
 use crate::policy::model::{OnConcurrent, Priority};
 use crate::store::{
-    CacheEntry, Claim, IdempotencyState, NewDeadLetter, Store, StoreError, StoredResponse,
+    CacheEntry, Claim, ClaimToken, IdempotencyRecord, IdempotencyState, NewDeadLetter, Store,
+    StoreError, StoredResponse,
 };
 
 /// Longest a duplicate waits between looks at another process's in-flight claim.
@@ -137,6 +150,18 @@ pub enum InvokeError {
     /// The call's task ended without an answer (a bug; reported, not hidden).
     #[error("the call ended without an answer: {0}")]
     Internal(String),
+    /// The runtime is draining for shutdown and takes no new calls.
+    #[error("claygate is shutting down and takes no new calls")]
+    Draining,
+    /// The earlier call with this idempotency key was dead-lettered and its
+    /// entry parked: it will not run again unless someone replays it.
+    #[error(
+        "the call with this idempotency key was dead-lettered and parked as entry {dlq_id}; replay or delete that entry"
+    )]
+    DeadLetterParked {
+        /// The parked entry.
+        dlq_id: i64,
+    },
 }
 
 impl InvokeError {
@@ -151,6 +176,8 @@ impl InvokeError {
             InvokeError::Failure(f) => f.code(),
             InvokeError::Store(_) => "store_unavailable",
             InvokeError::Internal(_) => "internal",
+            InvokeError::Draining => "draining",
+            InvokeError::DeadLetterParked { .. } => "dead_lettered_parked",
         }
     }
 }
@@ -185,9 +212,8 @@ pub struct Runtime {
     watched: std::sync::Mutex<std::collections::HashSet<usize>>,
     // Latest fallback answer per operation (for health's "answers are stale").
     fallbacks: std::sync::Mutex<std::collections::HashMap<String, (UnixMillis, Staleness)>>,
-    // Calls running now, and a wake-up when that reaches zero.
-    active: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
+    // Calls running now, the closing flag, and a wake-up at zero.
+    admission: Arc<Admission>,
     // Set at the end of a drain: calls still running stop and, when their
     // operation has a DLQ, are dead-lettered.
     interrupt: tokio::sync::watch::Sender<bool>,
@@ -202,27 +228,22 @@ pub struct Drained {
     pub interrupted: usize,
 }
 
-/// Counts a running call; the count drops (and drain wakes) when it ends,
-/// however it ends.
-struct ActiveCall<'a>(&'a Runtime);
-
-impl<'a> ActiveCall<'a> {
-    fn new(runtime: &'a Runtime) -> Self {
-        runtime
-            .active
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        ActiveCall(runtime)
-    }
+/// Who is running: the count of admitted calls, and whether new ones are
+/// still admitted.
+#[derive(Debug, Default)]
+struct Admission {
+    active: AtomicUsize,
+    closing: AtomicBool,
+    idle: tokio::sync::Notify,
 }
 
-impl Drop for ActiveCall<'_> {
+/// Counts a running call; the count drops (and drain wakes) when it ends,
+/// however it ends.
+struct ActiveCall(Arc<Admission>);
+
+impl Drop for ActiveCall {
     fn drop(&mut self) {
-        if self
-            .0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -241,8 +262,7 @@ impl Runtime {
             metrics: Arc::new(Metrics::new()),
             watched: std::sync::Mutex::default(),
             fallbacks: std::sync::Mutex::default(),
-            active: std::sync::atomic::AtomicUsize::new(0),
-            idle: tokio::sync::Notify::new(),
+            admission: Arc::default(),
             interrupt: tokio::sync::watch::channel(false).0,
         });
         runtime.watch_breakers();
@@ -334,39 +354,58 @@ impl Runtime {
 
     /// Calls running now.
     pub fn active_calls(&self) -> usize {
-        self.active.load(std::sync::atomic::Ordering::Acquire)
+        self.admission.active.load(Ordering::SeqCst)
     }
 
-    /// Lets running calls finish for up to `timeout`, then interrupts the
-    /// rest: an interrupted call of an operation with a DLQ is dead-lettered
-    /// (never dropped), any other answers `interrupted`. Answers once every
-    /// call has ended. New calls should be refused before draining.
-    pub async fn drain(&self, timeout: Duration) -> Drained {
-        let before = self.active_calls();
-        let idle = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.active_calls() == 0 {
-                    break;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout(timeout, idle).await.is_ok() {
-            return Drained {
-                finished: before,
-                interrupted: 0,
-            };
+    /// Whether [`drain`](Self::drain) has begun: new calls are refused.
+    pub fn is_closing(&self) -> bool {
+        self.admission.closing.load(Ordering::SeqCst)
+    }
+
+    /// Admits a call: counts it first, then checks `closing`, so a drain
+    /// that set `closing` before counting either sees this call or it is
+    /// refused (`None`).
+    fn admit(&self) -> Option<ActiveCall> {
+        self.admission.active.fetch_add(1, Ordering::SeqCst);
+        let call = ActiveCall(Arc::clone(&self.admission));
+        if self.admission.closing.load(Ordering::SeqCst) {
+            // Dropping `call` uncounts it (and wakes a drain at zero).
+            return None;
         }
-        let interrupted = self.active_calls();
-        self.interrupt.send_replace(true);
+        Some(call)
+    }
+
+    async fn until_idle(&self) {
         loop {
-            let notified = self.idle.notified();
+            let notified = self.admission.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if self.active_calls() == 0 {
                 break;
             }
             notified.await;
         }
+    }
+
+    /// Stops admitting calls (later invokes answer `draining`), lets running
+    /// calls finish for up to `timeout`, then interrupts the rest: an
+    /// interrupted call of an operation with a DLQ is dead-lettered (never
+    /// dropped), any other answers `interrupted`. Whatever happened, it ends
+    /// by interrupting, so no call can outlive it; answers once every call
+    /// has ended.
+    pub async fn drain(&self, timeout: Duration) -> Drained {
+        self.admission.closing.store(true, Ordering::SeqCst);
+        let before = self.active_calls();
+        let interrupted = if tokio::time::timeout(timeout, self.until_idle())
+            .await
+            .is_ok()
+        {
+            0
+        } else {
+            self.active_calls()
+        };
+        self.interrupt.send_replace(true);
+        self.until_idle().await;
         Drained {
             finished: before.saturating_sub(interrupted),
             interrupted,
@@ -379,12 +418,21 @@ impl Runtime {
     }
 
     /// Runs one call of `operation`. The work runs in its own task: dropping
-    /// this future does not cancel it.
+    /// this future does not cancel it. The call is admitted (counted for a
+    /// drain) on the first poll, before the task starts; once a drain has
+    /// begun it answers `draining` without running.
     pub async fn invoke(self: &Arc<Self>, operation: &str, request: InvokeRequest) -> Invoked {
+        let started = tokio::time::Instant::now();
+        let Some(active) = self.admit() else {
+            return refused(operation, started, None, InvokeError::Draining);
+        };
         let runtime = Arc::clone(self);
         let name = operation.to_owned();
-        let started = tokio::time::Instant::now();
-        match tokio::spawn(async move { runtime.invoke_here(&name, request).await }).await {
+        let task = tokio::spawn(async move {
+            let _active = active;
+            runtime.run(&name, request).await
+        });
+        match task.await {
             Ok(invoked) => {
                 self.record(&invoked);
                 invoked
@@ -458,7 +506,19 @@ impl Runtime {
 
     /// [`invoke`](Self::invoke) in the caller's task (cancelled with it).
     pub async fn invoke_here(&self, operation: &str, request: InvokeRequest) -> Invoked {
-        let _active = ActiveCall::new(self);
+        let Some(_active) = self.admit() else {
+            return refused(
+                operation,
+                tokio::time::Instant::now(),
+                None,
+                InvokeError::Draining,
+            );
+        };
+        self.run(operation, request).await
+    }
+
+    /// One admitted call: params, key, then the idempotency layer or not.
+    async fn run(&self, operation: &str, request: InvokeRequest) -> Invoked {
         let started = tokio::time::Instant::now();
         let compiled = self.compiled();
         let Some(pipeline) = compiled.operations.get(operation) else {
@@ -484,7 +544,7 @@ impl Runtime {
         };
         let mut invoked = match key {
             Err(e) => refused(operation, started, breaker, e.into()),
-            Ok(None) => self.protected(pipeline, &request, None).await,
+            Ok(None) => self.protected(pipeline, &request, None, None).await,
             Ok(Some((key, derived))) => {
                 let mut invoked = self.idempotent(pipeline, &request, &key).await;
                 if let Some(meta) = &mut invoked.idempotency {
@@ -501,10 +561,7 @@ impl Runtime {
     async fn idempotent(&self, pipeline: &Pipeline, request: &InvokeRequest, key: &str) -> Invoked {
         let started = tokio::time::Instant::now();
         let name = pipeline.name.as_str();
-        let fingerprint = match idempotency::sha256_canonical(&request.params, "params") {
-            Ok(f) => f,
-            Err(e) => return refused(name, started, Some(pipeline.breaker.state()), e.into()),
-        };
+        let fingerprint = idempotency::fingerprint(&request.params);
         let meta = |replayed| IdempotencyMeta {
             key: key.to_owned(),
             derived: false,
@@ -554,7 +611,13 @@ impl Runtime {
         invoked
     }
 
-    /// Claims `key` in the store, then runs, replays or refuses.
+    /// Replays, refuses or waits on `key`'s stored record; claims the key
+    /// when there is none alive, then runs the call.
+    ///
+    /// The record is read first (a read connection, not the writer): a
+    /// completed, queued or parked key replays without waiting behind the
+    /// writer's batches of synced DLQ writes. Only an absent or expired key,
+    /// or one whose lease lapsed, is claimed.
     async fn claimed(
         &self,
         pipeline: &Pipeline,
@@ -565,38 +628,30 @@ impl Runtime {
         let started = tokio::time::Instant::now();
         let name = pipeline.name.as_str();
         let config = &pipeline.idempotency;
-        if pipeline.dlq.is_none() && crate::dlq::waiting_on_breaker(&pipeline.breaker) {
-            // Nothing will be sent: a stored answer still replays, but no
-            // claim is written (two synced writes) only to be released, so
-            // failing fast stays fast.
+        loop {
+            // Nothing will be sent while the breaker refuses: no claim (two
+            // synced writes) only to be released, so failing fast stays
+            // fast. The breaker may yet turn half-open before the call; see
+            // `unclaimed`.
+            let fail_fast =
+                pipeline.dlq.is_none() && crate::dlq::waiting_on_breaker(&pipeline.breaker);
+            let found = match self.store.idempotency_get(name, key).await {
+                Ok(found) => found,
+                Err(e) => return refused(name, started, Some(pipeline.breaker.state()), e.into()),
+            };
             let now = self.clock.now();
-            if let Ok(Some(record)) = self.store.idempotency_get(name, key).await
-                && record.expires_at > now
-            {
-                if record.fingerprint != fingerprint {
-                    return refused(
-                        name,
-                        started,
-                        Some(pipeline.breaker.state()),
-                        InvokeError::IdempotencyConflict,
-                    );
-                }
-                let answer = match record.state {
-                    IdempotencyState::Completed(response) => Some(replay_answer(response)),
-                    IdempotencyState::Queued { dlq_id } => Some(Answer::Queued {
-                        dlq_id,
-                        cause: None,
-                    }),
-                    IdempotencyState::InFlight { .. } => None,
-                };
-                if let Some(answer) = answer {
-                    return replayed(pipeline, key, answer, started);
+            if let Some(record) = found.filter(|r| holds(r, now)) {
+                match self.on_record(pipeline, key, fingerprint, record, started, now) {
+                    Found::Answer(invoked) => return invoked,
+                    Found::Wait(wait) => {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                 }
             }
-            return self.protected(pipeline, request, Some(key)).await;
-        }
-        loop {
-            let now = self.clock.now();
+            if fail_fast {
+                return self.unclaimed(pipeline, request, key, fingerprint).await;
+            }
             let claim = self
                 .store
                 .idempotency_claim(
@@ -608,97 +663,184 @@ impl Runtime {
                     now.saturating_add(crate::clock::millis(config.ttl)),
                 )
                 .await;
-            let record = match claim {
+            match claim {
                 Err(e) => return refused(name, started, Some(pipeline.breaker.state()), e.into()),
-                Ok(Claim::Claimed) => break,
-                Ok(Claim::Existing(record)) => record,
-            };
-            if record.fingerprint != fingerprint {
-                return refused(
-                    name,
-                    started,
-                    Some(pipeline.breaker.state()),
-                    InvokeError::IdempotencyConflict,
+                Ok(Claim::Claimed(token)) => {
+                    let invoked = self
+                        .protected(pipeline, request, Some(key), Some(&token))
+                        .await;
+                    self.keep(pipeline, key, &token, &invoked).await;
+                    return invoked;
+                }
+                Ok(Claim::Existing(record)) => {
+                    match self.on_record(pipeline, key, fingerprint, record, started, now) {
+                        Found::Answer(invoked) => return invoked,
+                        Found::Wait(wait) => tokio::time::sleep(wait).await,
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a live record of `key` means for a new call with `fingerprint`.
+    fn on_record(
+        &self,
+        pipeline: &Pipeline,
+        key: &str,
+        fingerprint: &str,
+        record: IdempotencyRecord,
+        started: tokio::time::Instant,
+        now: crate::clock::UnixMillis,
+    ) -> Found {
+        let name = pipeline.name.as_str();
+        if record.fingerprint != fingerprint {
+            return Found::Answer(refused(
+                name,
+                started,
+                Some(pipeline.breaker.state()),
+                InvokeError::IdempotencyConflict,
+            ));
+        }
+        let answer = match record.state {
+            IdempotencyState::Completed(response) => replay_answer(response),
+            IdempotencyState::Queued { dlq_id } => Answer::Queued {
+                dlq_id,
+                cause: None,
+            },
+            IdempotencyState::Parked { dlq_id } => {
+                Answer::Failed(InvokeError::DeadLetterParked { dlq_id })
+            }
+            IdempotencyState::InFlight { lease_until } => {
+                // A claim this process does not run: one left by a process
+                // that crashed mid-call, until its lease lapses.
+                if pipeline.idempotency.on_concurrent == OnConcurrent::Reject {
+                    return Found::Answer(refused(
+                        name,
+                        started,
+                        Some(pipeline.breaker.state()),
+                        InvokeError::InFlight,
+                    ));
+                }
+                let wait = Duration::from_millis(
+                    u64::try_from(lease_until.saturating_sub(now)).unwrap_or(0),
+                );
+                return Found::Wait(wait.clamp(Duration::from_millis(1), FOREIGN_POLL));
+            }
+        };
+        Found::Answer(replayed(pipeline, key, answer, started))
+    }
+
+    /// A call of a key with no record while the breaker refuses everything:
+    /// run without a claim. Should the breaker turn half-open meanwhile and
+    /// let the call through (`attempts > 0`), its outcome is recorded after
+    /// all, as a claimed call's would be.
+    async fn unclaimed(
+        &self,
+        pipeline: &Pipeline,
+        request: &InvokeRequest,
+        key: &str,
+        fingerprint: &str,
+    ) -> Invoked {
+        let invoked = self.protected(pipeline, request, Some(key), None).await;
+        if invoked.attempts == 0 {
+            return invoked;
+        }
+        let name = pipeline.name.as_str();
+        let config = &pipeline.idempotency;
+        let now = self.clock.now();
+        let claim = self
+            .store
+            .idempotency_claim(
+                name,
+                key,
+                fingerprint,
+                now,
+                now.saturating_add(crate::clock::millis(config.lease)),
+                now.saturating_add(crate::clock::millis(config.ttl)),
+            )
+            .await;
+        match claim {
+            Ok(Claim::Claimed(token)) => self.keep(pipeline, key, &token, &invoked).await,
+            Ok(Claim::Existing(_)) => {
+                tracing::warn!(
+                    operation = name,
+                    "a record of the key appeared while its call ran unclaimed; the call's outcome is not recorded"
                 );
             }
-            let answer = match record.state {
-                IdempotencyState::Completed(response) => replay_answer(response),
-                IdempotencyState::Queued { dlq_id } => Answer::Queued {
-                    dlq_id,
-                    cause: None,
-                },
-                IdempotencyState::InFlight { lease_until } => {
-                    // Another process runs this key.
-                    if config.on_concurrent == OnConcurrent::Reject {
-                        return refused(
-                            name,
-                            started,
-                            Some(pipeline.breaker.state()),
-                            InvokeError::InFlight,
-                        );
-                    }
-                    let wait = Duration::from_millis(
-                        u64::try_from(lease_until.saturating_sub(now)).unwrap_or(0),
-                    );
-                    tokio::time::sleep(wait.clamp(Duration::from_millis(1), FOREIGN_POLL)).await;
-                    continue;
-                }
-            };
-            return replayed(pipeline, key, answer, started);
+            Err(e) => {
+                tracing::error!(operation = name, error = %e, "cannot record the idempotency outcome");
+            }
         }
-        let invoked = self.protected(pipeline, request, Some(key)).await;
-        let expires = self.clock.after(config.ttl);
+        invoked
+    }
+
+    /// Records the outcome of a call that held `key` with `token`: a
+    /// success or a permanent upstream answer is completed (replayed to
+    /// duplicates), a dead-lettered call was marked queued with its entry,
+    /// anything else releases the key so a later try may run.
+    async fn keep(&self, pipeline: &Pipeline, key: &str, token: &ClaimToken, invoked: &Invoked) {
+        let name = pipeline.name.as_str();
+        let expires = self.clock.after(pipeline.idempotency.ttl);
         let kept = match &invoked.answer {
             Answer::Ok(response) => {
                 self.store
-                    .idempotency_complete(name, key, response, expires)
+                    .idempotency_complete(name, key, token, response, expires)
                     .await
             }
-            Answer::Queued { dlq_id, .. } => {
-                self.store
-                    .idempotency_queue(name, key, *dlq_id, expires)
-                    .await
-            }
+            // Marked in the dead letter's own transaction.
+            Answer::Queued { .. } => Ok(true),
             // A non-retryable upstream answer (a 4xx) is the call's result:
             // replay it rather than send the same bad request again.
             Answer::Failed(InvokeError::Failure(Failure::Status(reply)))
                 if !is_dead_letterable(&Failure::Status(reply.clone()), &pipeline.retry.on) =>
             {
                 self.store
-                    .idempotency_complete(name, key, &stored(reply), expires)
+                    .idempotency_complete(name, key, token, &stored(reply), expires)
                     .await
             }
             // Fallbacks and failures that a later try may get past are not kept.
-            _ => self.store.idempotency_release(name, key).await,
+            _ => self.store.idempotency_release(name, key, token).await,
         };
-        if let Err(e) = kept {
+        match kept {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                operation = name,
+                "the idempotency claim was taken over before the call ended; its outcome is not recorded"
+            ),
             // The answer stands; only the dedupe record is off. Said loudly:
             // until the lease ends a duplicate waits, then it may run again.
-            tracing::error!(operation = name, error = %e, "cannot record the idempotency outcome");
+            Err(e) => {
+                tracing::error!(operation = name, error = %e, "cannot record the idempotency outcome");
+            }
         }
-        invoked
     }
 
-    /// The pipeline, then the DLQ or the fallback when it fails.
+    /// The pipeline, then the DLQ or the fallback when it fails. `claim` is
+    /// the idempotency claim the call holds, marked queued in the dead
+    /// letter's transaction when the call is dead-lettered.
     async fn protected(
         &self,
         pipeline: &Pipeline,
         request: &InvokeRequest,
         key: Option<&str>,
+        claim: Option<&ClaimToken>,
     ) -> Invoked {
         let first_attempt_at = self.clock.now();
+        let started = tokio::time::Instant::now();
         let invocation = Invocation {
             params: request.params.clone(),
             priority: request.priority,
             idempotency_key: key.map(str::to_owned),
         };
+        let sent = AtomicU32::new(0);
         let mut interrupt = self.interrupt.subscribe();
         let outcome = tokio::select! {
-            outcome = pipeline.call(&invocation) => outcome,
+            outcome = pipeline.call_counting(&invocation, &sent) => outcome,
             _ = interrupt.wait_for(|stop| *stop) => Outcome {
                 result: Err(Failure::Interrupted),
-                attempts: 0,
-                latency: Duration::ZERO,
+                // Every request counted here reached the upstream.
+                attempts: sent.load(Ordering::Relaxed),
+                latency: started.elapsed(),
                 breaker: pipeline.breaker.state(),
             },
         };
@@ -715,8 +857,17 @@ impl Runtime {
                 Answer::Ok(response)
             }
             Err(failure) => {
-                self.after_failure(pipeline, request, key, failure, attempts, first_attempt_at)
-                    .await
+                let failure = scrub_failure(pipeline, failure);
+                self.after_failure(
+                    pipeline,
+                    request,
+                    key,
+                    claim,
+                    failure,
+                    attempts,
+                    first_attempt_at,
+                )
+                .await
             }
         };
         Invoked {
@@ -742,9 +893,7 @@ impl Runtime {
         else {
             return;
         };
-        let Ok(key) = config.key_of(params) else {
-            return;
-        };
+        let key = config.key_of(params);
         let fetched_at = self.clock.now();
         memory.put(
             &key,
@@ -766,11 +915,13 @@ impl Runtime {
 
     /// A failed call: dead-lettered when the operation has a DLQ and the
     /// failure is transient, else served from fallback, else failed.
+    #[allow(clippy::too_many_arguments)]
     async fn after_failure(
         &self,
         pipeline: &Pipeline,
         request: &InvokeRequest,
         key: Option<&str>,
+        claim: Option<&ClaimToken>,
         failure: Failure,
         attempts: u32,
         first_attempt_at: UnixMillis,
@@ -790,7 +941,7 @@ impl Runtime {
                 last_attempt_at: now,
                 next_attempt_at: now.saturating_add(first_redrive_delay(pipeline)),
             };
-            return match self.store.dlq_insert(entry).await {
+            return match self.store.dlq_insert_holding(entry, claim).await {
                 Ok(id) => {
                     tracing::warn!(operation = %pipeline.name, id, error = failure.code(), "call dead-lettered");
                     self.redrive.wake();
@@ -808,6 +959,13 @@ impl Runtime {
                         dlq_id: id,
                         cause: Some(failure),
                     }
+                }
+                // Another caller took the key over (its lease had lapsed):
+                // that call does this work; dead-lettering it too could
+                // deliver it twice. The caller hears the key is busy.
+                Err(StoreError::ClaimLost { .. }) => {
+                    tracing::warn!(operation = %pipeline.name, "the idempotency claim was taken over before the call was dead-lettered");
+                    Answer::Failed(InvokeError::InFlight)
                 }
                 // Not accepted: the caller hears so and keeps the work.
                 Err(e) => {
@@ -831,9 +989,8 @@ impl Runtime {
         cause: &Failure,
     ) -> Option<Answer> {
         let fallback = pipeline.fallback.as_ref()?;
-        if let Some(config) = &fallback.cache
-            && let Ok(key) = config.key_of(params)
-        {
+        if let Some(config) = &fallback.cache {
+            let key = config.key_of(params);
             let cached = match fallback.memory.get(&key) {
                 Some(c) => Some(c),
                 None => match self.store.cache_get(&pipeline.name, &key).await {
@@ -980,4 +1137,184 @@ fn with_meta(mut invoked: Invoked, meta: IdempotencyMeta) -> Invoked {
 
 fn invoked_replayed(invoked: &Invoked) -> bool {
     invoked.idempotency.as_ref().is_some_and(|m| m.replayed)
+}
+
+/// What a stored record of a key means for a new call.
+enum Found {
+    /// Answer this (a replay, a conflict, a refusal).
+    Answer(Invoked),
+    /// Another process's claim holds the key: look again after this.
+    Wait(Duration),
+}
+
+/// Whether `record` still holds its key at `now`: not expired, and not an
+/// in-flight claim whose lease has lapsed (those are taken over).
+fn holds(record: &IdempotencyRecord, now: UnixMillis) -> bool {
+    record.expires_at > now
+        && !matches!(record.state, IdempotencyState::InFlight { lease_until } if lease_until <= now)
+}
+
+/// Header values never worth scrubbing (not secrets, and common in error
+/// bodies).
+const NOT_SECRET: [http::HeaderName; 3] = [
+    http::header::CONTENT_TYPE,
+    http::header::ACCEPT,
+    http::header::USER_AGENT,
+];
+
+/// Shortest header value (or user info) scrubbed.
+const MIN_SECRET: usize = 4;
+
+/// Shortest word of a header value scrubbed on its own (`Bearer abc…`: the
+/// token may be echoed without its scheme; the scheme word itself is short).
+const MIN_SECRET_WORD: usize = 8;
+
+/// The secret values of `pipeline`'s requests: the upstream's header values
+/// (`${env:…}` expanded), the words in them, the base URL's user info and
+/// the literal text of the operation's headers; longest first, so a value is
+/// scrubbed before a word inside it.
+fn secrets_of(pipeline: &Pipeline) -> Vec<String> {
+    let http = &pipeline.upstream.http;
+    let mut secrets: Vec<String> = Vec::new();
+    let mut add = |name: Option<&http::HeaderName>, value: &str| {
+        if name.is_some_and(|n| NOT_SECRET.contains(n)) {
+            return;
+        }
+        let value = value.trim();
+        if value.len() >= MIN_SECRET {
+            secrets.push(value.to_owned());
+        }
+        secrets.extend(
+            value
+                .split_whitespace()
+                .filter(|w| w.len() >= MIN_SECRET_WORD && *w != value)
+                .map(str::to_owned),
+        );
+    };
+    for (name, value) in &http.headers {
+        if let Ok(text) = value.to_str() {
+            add(Some(name), text);
+        }
+    }
+    for (name, text) in pipeline.request.header_literals() {
+        add(Some(name), &text);
+    }
+    if let Some(password) = http.base_url.password() {
+        add(None, password);
+    }
+    add(None, http.base_url.username());
+    secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    secrets.dedup();
+    secrets
+}
+
+/// What replaces a scrubbed secret.
+const REDACTED: &str = "[redacted]";
+
+/// `failure` with every secret of `pipeline` replaced by `[redacted]` in an
+/// upstream error body and in transport messages: an upstream that echoes
+/// its `Authorization` header in an error must not leak the key into an
+/// answer, a stored replay or a dead letter.
+pub(crate) fn scrub_failure(pipeline: &Pipeline, failure: Failure) -> Failure {
+    let needs = match &failure {
+        Failure::Status(reply) => !reply.body.is_empty(),
+        Failure::Connect(_) | Failure::Transport(_) | Failure::BadParams(_) => true,
+        _ => false,
+    };
+    if !needs {
+        return failure;
+    }
+    let secrets = secrets_of(pipeline);
+    if secrets.is_empty() {
+        return failure;
+    }
+    let text = |m: String| {
+        secrets.iter().fold(m, |m, s| {
+            if m.contains(s.as_str()) {
+                m.replace(s.as_str(), REDACTED)
+            } else {
+                m
+            }
+        })
+    };
+    match failure {
+        Failure::Status(mut reply) => {
+            let mut body = reply.body.to_vec();
+            let mut changed = false;
+            for secret in &secrets {
+                if let Some(scrubbed) = replace_bytes(&body, secret.as_bytes(), REDACTED.as_bytes())
+                {
+                    body = scrubbed;
+                    changed = true;
+                }
+            }
+            if changed {
+                reply.body = body.into();
+            }
+            Failure::Status(reply)
+        }
+        Failure::Connect(m) => Failure::Connect(text(m)),
+        Failure::Transport(m) => Failure::Transport(text(m)),
+        Failure::BadParams(m) => Failure::BadParams(text(m)),
+        other => other,
+    }
+}
+
+/// `haystack` with every `needle` replaced by `with`; `None` when it has none.
+fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    if needle.is_empty() || haystack.len() < needle.len() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut rest = haystack;
+    let mut found = false;
+    while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
+        found = true;
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(with);
+        rest = &rest[at + needle.len()..];
+    }
+    if !found {
+        return None;
+    }
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_bytes_replaces_every_occurrence_or_answers_none() {
+        assert_eq!(
+            replace_bytes(b"a-key-b-key", b"key", b"X"),
+            Some(b"a-X-b-X".to_vec())
+        );
+        assert_eq!(replace_bytes(b"nothing", b"key", b"X"), None);
+        assert_eq!(replace_bytes(b"k", b"key", b"X"), None);
+        assert_eq!(replace_bytes(b"key", b"", b"X"), None);
+        assert_eq!(
+            replace_bytes(b"\xffkey\xfe", b"key", b"X"),
+            Some(b"\xffX\xfe".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_record_holds_its_key_until_expiry_or_lease_end() {
+        let record = |state| IdempotencyRecord {
+            operation: "op".into(),
+            key: "k".into(),
+            fingerprint: "f".into(),
+            state,
+            created_at: 0,
+            expires_at: 100,
+        };
+        let flight = record(IdempotencyState::InFlight { lease_until: 50 });
+        assert!(holds(&flight, 49));
+        assert!(!holds(&flight, 50), "a lapsed lease is taken over");
+        let queued = record(IdempotencyState::Queued { dlq_id: 1 });
+        assert!(holds(&queued, 99));
+        assert!(!holds(&queued, 100), "expired");
+    }
 }

@@ -744,3 +744,347 @@ async fn out_of_attempts_parks_and_posts_the_alert_webhook() {
         .expect("the worker stops")
         .expect("no panic");
 }
+
+fn keyed(table: &str, n: u32, key: &str) -> InvokeRequest {
+    InvokeRequest {
+        idempotency_key: Some(key.into()),
+        ..row(table, n)
+    }
+}
+
+fn failure_code(invoked: &Invoked) -> &'static str {
+    match &invoked.answer {
+        Answer::Failed(e) => e.code(),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+/// Parks entry `id` by running out its attempts (every redrive answers 503).
+async fn park(rig: &Rig, id: i64) {
+    for _ in 0..3 {
+        rig.script.then(fail(503));
+        rig.advance_to(rig.entry(id).await.next_attempt_at).await;
+        dlq::redrive_due(&rig.runtime).await;
+    }
+    assert_eq!(rig.entry(id).await.state, DlqState::Parked);
+}
+
+/// Review finding 3: a duplicate of a call whose dead letter was parked
+/// hears `dead_lettered_parked` with the entry, not "queued" for work that
+/// will never run; requeued it is queued again; deleted, the key is free
+/// and a retry runs afresh.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_of_a_parked_or_deleted_entry_hears_the_truth() {
+    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    let queued = rig.invoke("push_row", row("t1", 1)).await;
+    assert!(
+        matches!(queued.answer, Answer::Queued { dlq_id, .. } if dlq_id == id),
+        "pending: queued with the entry"
+    );
+
+    park(&rig, id).await;
+    let hits = rig.script.hits();
+    let dup = rig.invoke("push_row", row("t1", 1)).await;
+    assert_eq!(failure_code(&dup), "dead_lettered_parked");
+    match &dup.answer {
+        Answer::Failed(e @ InvokeError::DeadLetterParked { dlq_id }) => {
+            assert_eq!(*dlq_id, id);
+            assert!(e.to_string().contains(&format!("entry {id}")), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(dup.idempotency.as_ref().is_some_and(|m| m.replayed));
+
+    let filter = DlqFilter {
+        state: Some(DlqState::Parked),
+        ..DlqFilter::default()
+    };
+    assert_eq!(dlq::replay_matching(&rig.runtime, &filter).await, Ok(1));
+    let requeued = rig.invoke("push_row", row("t1", 1)).await;
+    assert!(matches!(requeued.answer, Answer::Queued { dlq_id, .. } if dlq_id == id));
+
+    assert!(rig.runtime.store.dlq_delete(id).await.expect("delete"));
+    assert_eq!(rig.script.hits(), hits, "no duplicate reached the upstream");
+    rig.script.then(Step::Reply(201, json!({"row_id": 3})));
+    let fresh = rig.invoke("push_row", row("t1", 1)).await;
+    assert_eq!(body(&fresh), json!({"row_id": 3}), "the work runs afresh");
+    assert_eq!(rig.script.hits(), hits + 1);
+}
+
+/// Review finding 1, end to end: a parked entry outlives its key; a new
+/// call reuses the caller's key with other params and completes; replaying
+/// the old entry must not put its answer under the new call's key.
+#[tokio::test(start_paused = true)]
+async fn replaying_an_old_entry_never_overwrites_a_reused_key() {
+    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503));
+    let old = rig
+        .dead_letter("push_row", keyed("t1", 1, "order-42"))
+        .await;
+    park(&rig, old).await;
+
+    // The parked key lives no longer than the key's ttl (24h).
+    tokio::time::advance(Duration::from_secs(25 * 3600)).await;
+    rig.script.then(Step::Reply(201, json!({"call": "new"})));
+    let new = rig.invoke("push_row", keyed("t1", 2, "order-42")).await;
+    assert_eq!(body(&new), json!({"call": "new"}));
+
+    rig.script.then(Step::Reply(201, json!({"call": "old"})));
+    let replayed = dlq::replay_one(&rig.runtime, old).await.expect("replayed");
+    assert_eq!(replayed.state, DlqState::Delivered);
+    let dup = rig.invoke("push_row", keyed("t1", 2, "order-42")).await;
+    assert_eq!(
+        body(&dup),
+        json!({"call": "new"}),
+        "the new call's duplicate replays the new call's answer"
+    );
+    let other = rig.invoke("push_row", keyed("t1", 1, "order-42")).await;
+    assert_eq!(failure_code(&other), "idempotency_conflict");
+}
+
+/// Review finding 5: a row damaged by SQL neither stops its operation's
+/// redrive nor panics: the others are delivered, it is parked with an
+/// alert, listed as a stub, and can be deleted.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_row_is_parked_and_the_rest_are_redriven() {
+    let mut rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503)).then(fail(503)).then(fail(503));
+    let first = rig.dead_letter("push_row", row("t1", 1)).await;
+    let bad = rig.dead_letter("push_row", row("t1", 2)).await;
+    let last = rig.dead_letter("push_row", row("t1", 3)).await;
+    let path = rig._dir.path().join("claygate.db");
+    {
+        use sqlx::{ConnectOptions, Connection};
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("a raw connection");
+        sqlx::query("UPDATE dlq SET params = 'not json{' WHERE id = ?1")
+            .bind(bad)
+            .execute(&mut conn)
+            .await
+            .expect("damage the row");
+        conn.close().await.expect("close");
+    }
+    rig.events();
+    rig.advance_to(rig.entry(last).await.next_attempt_at).await;
+    let report = dlq::redrive_due(&rig.runtime).await;
+    assert_eq!((report.delivered, report.parked), (2, 1), "{report:?}");
+    assert_eq!(rig.entry(first).await.state, DlqState::Delivered);
+    assert_eq!(rig.entry(last).await.state, DlqState::Delivered);
+    assert!(
+        rig.events().iter().any(|e| matches!(e, Event::Parked { id, error_code, .. } if *id == bad && error_code == "unreadable_record")),
+        "the park raised its event"
+    );
+    assert_eq!(rig.runtime.redrive.parked_total(), 1);
+    // Next passes leave it alone; the listing shows it.
+    assert_eq!(
+        dlq::redrive_due(&rig.runtime).await,
+        dlq::RedriveReport::default()
+    );
+    let page = rig
+        .runtime
+        .store
+        .dlq_list(
+            &DlqFilter::default(),
+            claygate::store::PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .expect("a listing, not an error");
+    assert_eq!(page.entries.len(), 2);
+    assert_eq!(page.unreadable.len(), 1);
+    assert_eq!(page.unreadable[0].id, bad);
+    assert!(rig.runtime.store.dlq_delete(bad).await.expect("delete"));
+}
+
+/// Review finding 14: cache rows of an operation a reload removed are swept
+/// once older than the orphan retention; a serving operation's are not.
+#[tokio::test(start_paused = true)]
+async fn cache_rows_of_a_removed_operation_are_swept_in_time() {
+    let cached = "  lookup:
+    upstream: clay
+    request: { method: GET, path: \"/v1/lookup/{{ params.id }}\" }
+    retry: { max_attempts: 1 }
+    fallback: { cache: { fresh: 1m, stale: 1h, very_stale: 30d } }
+";
+    let both = ops(&[cached.to_owned(), push_op("push_row", DLQ)]);
+    let rig = rig(&both).await;
+    rig.script.then(Step::Reply(200, json!({"name": "Acme"})));
+    let ok = rig
+        .invoke(
+            "lookup",
+            InvokeRequest {
+                params: json!({"id": "a"}),
+                ..InvokeRequest::default()
+            },
+        )
+        .await;
+    assert!(matches!(ok.answer, Answer::Ok(_)));
+    let key = rig.runtime.compiled().operations["lookup"]
+        .fallback
+        .as_ref()
+        .and_then(|f| f.cache.as_ref())
+        .expect("a cache")
+        .key_of(&json!({"id": "a"}));
+    let stored = || async {
+        rig.runtime
+            .store
+            .cache_get("lookup", &key)
+            .await
+            .expect("readable")
+            .is_some()
+    };
+    // Written behind: wait for it with a bound.
+    for _ in 0..1000 {
+        if stored().await {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(stored().await, "the answer reached the store");
+
+    let without = compile_script(
+        &ops(&[push_op("push_row", DLQ)]),
+        &rig.script,
+        Some(rig.runtime.compiled().as_ref()),
+    );
+    rig.runtime.swap(without);
+    tokio::time::advance(Duration::from_secs(13 * 24 * 3600)).await;
+    assert_eq!(
+        dlq::sweep(&rig.runtime).await.cache_entries,
+        0,
+        "kept a while"
+    );
+    assert!(stored().await);
+    tokio::time::advance(Duration::from_secs(2 * 24 * 3600)).await;
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!((swept.cache_entries, swept.store_errors), (1, 0));
+    assert!(!stored().await);
+}
+
+/// Review finding 17, on the redrive path: a permanent answer that echoes
+/// an operation header's secret is stored for replay scrubbed.
+#[tokio::test(start_paused = true)]
+async fn a_redrives_echoed_secret_is_scrubbed_before_it_is_stored() {
+    const SECRET: &str = "op-secret-0123456789";
+    let op = push_op("push_row", DLQ).replace(
+        "body: \"{{ params.row }}\" }",
+        &format!("body: \"{{{{ params.row }}}}\", headers: {{ X-Op-Key: \"{SECRET}\" }} }}"),
+    );
+    assert!(op.contains(SECRET), "{op}");
+    let rig = rig(&ops(&[op])).await;
+    rig.script.then(fail(503)).then(Step::Reply(
+        409,
+        json!({"error": "duplicate", "echo": SECRET}),
+    ));
+    let id = rig.dead_letter("push_row", row("t1", 1)).await;
+    rig.advance_to(rig.entry(id).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 1);
+    let dup = rig.invoke("push_row", row("t1", 1)).await;
+    match &dup.answer {
+        Answer::Failed(InvokeError::Failure(claygate::pipeline::Failure::Status(reply))) => {
+            assert_eq!(reply.status.as_u16(), 409);
+            let text = String::from_utf8_lossy(&reply.body).into_owned();
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(
+                text.contains("[redacted]") && text.contains("duplicate"),
+                "{text}"
+            );
+        }
+        other => panic!("expected the stored 409, got {other:?}"),
+    }
+}
+
+/// Review finding 13: `POST /v1/dlq/purge` needs a filter (or `all: true`
+/// alone), deletes what matches, and frees the entries' keys.
+#[tokio::test]
+async fn the_purge_route_deletes_by_filter_and_frees_keys() {
+    use crate::support::server::{Options, UPSTREAM, start};
+    let operations = "version: 1
+operations:
+  push_row:
+    upstream: clay
+    request: { method: POST, path: \"/v1/tables/{{ params.table_id }}/rows\", body: \"{{ params.row }}\" }
+    retry: { max_attempts: 1 }
+    breaker: { volume_threshold: 1000 }
+    idempotency: { key: [table_id, row] }
+    dlq: { max_attempts: 3, backoff: { initial: 1h, max: 2h, jitter: none } }
+  push_event:
+    upstream: clay
+    request: { method: POST, path: /v1/events, body: \"{{ params.event }}\" }
+    retry: { max_attempts: 1 }
+    breaker: { volume_threshold: 1000 }
+    dlq: { max_attempts: 3, backoff: { initial: 1h, max: 2h, jitter: none } }
+";
+    let fake = FakeUpstream::start().await;
+    fake.always(Behavior::status(503, "{}"));
+    let server = start(
+        &[("clay.yaml", UPSTREAM), ("ops.yaml", operations)],
+        &fake.url(),
+        Options::default(),
+    )
+    .await;
+    let row = json!({"table_id": "t1", "row": {"n": 1}});
+    let queued = server.invoke("push_row", row.clone()).await;
+    assert_eq!(queued.status().as_u16(), 202);
+    for n in 0..2 {
+        let r = server
+            .invoke("push_event", json!({"event": {"n": n}}))
+            .await;
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    let purge = |body: Value| {
+        server
+            .client
+            .post(server.url("/v1/dlq/purge"))
+            .json(&body)
+            .send()
+    };
+    for (body, code) in [
+        (json!({}), "bad_filter"),
+        (json!({"all": false}), "bad_filter"),
+        (json!({"all": true, "operation": "push_row"}), "bad_filter"),
+        (json!({"state": "lost"}), "bad_filter"),
+        (json!({"operation": "  "}), "bad_filter"),
+        (json!({"opration": "push_row"}), "bad_filter"),
+    ] {
+        let r = purge(body.clone()).await.expect("sent");
+        assert_eq!(r.status().as_u16(), 400, "{body}");
+        let problem: Value = r.json().await.expect("a problem");
+        assert_eq!(problem["code"], code, "{body}: {problem}");
+    }
+    let text = server
+        .client
+        .post(server.url("/v1/dlq/purge"))
+        .body("operation=push_row")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(text.status().as_u16(), 415);
+
+    let r = purge(json!({"operation": "push_row"})).await.expect("sent");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 1}));
+    let (_, page) = server.get_json("/v1/dlq").await;
+    assert_eq!(page["entries"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["unreadable"], json!([]));
+
+    // The purged call's key is free: its retry runs (and is queued anew).
+    let hits = fake.hits();
+    let retry = server.invoke("push_row", row).await;
+    assert_eq!(retry.status().as_u16(), 202);
+    assert_eq!(fake.hits(), hits + 1, "the retry was sent, not replayed");
+
+    let r = purge(json!({"all": true})).await.expect("sent");
+    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 3}));
+    let (_, page) = server.get_json("/v1/dlq").await;
+    assert_eq!(page["entries"], json!([]));
+    server.server.shutdown().await;
+}

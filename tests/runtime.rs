@@ -1,19 +1,26 @@
 //! The runtime's outer layers through the library: params checks,
-//! idempotency (keys, sharing, replay, conflicts, leases) and the fallback
-//! cache with staleness, on an in-memory upstream and a real SQLite store.
+//! idempotency (keys, sharing, replay, conflicts, leases), the fallback
+//! cache with staleness, admission and drain, and scrubbing upstream
+//! secrets out of error bodies; on an in-memory upstream and a real SQLite
+//! store (one test on a real socket, for the upstream's own headers).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::task::Poll;
+
 use claygate::clock::Clock;
 use claygate::pipeline::fallback::Staleness;
-use claygate::runtime::{Answer, InvokeError, InvokeRequest, Invoked, Runtime};
+use claygate::runtime::{Answer, Drained, InvokeError, InvokeRequest, Invoked, Runtime};
 use claygate::store::sqlite::SqliteStore;
-use claygate::store::{Claim, Store};
+use claygate::store::{Claim, IdempotencyState, Store};
 use serde_json::{Value, json};
 
+use crate::support::dlq::{PausedSafe, Spy};
 use crate::support::script::{Script, Step, compile_script};
 use crate::support::tempdir;
+use crate::support::upstream::{Behavior, FakeUpstream};
 
 const OPS: &str = "operations:
   enrich:
@@ -36,6 +43,23 @@ const OPS: &str = "operations:
     upstream: clay
     request: { method: GET, path: /v1/plain }
     retry: { max_attempts: 1 }
+  push:
+    upstream: clay
+    request: { method: POST, path: /v1/rows, body: { id: \"{{ params.id }}\" } }
+    retry: { max_attempts: 1 }
+    idempotency: { key: [id] }
+    dlq: { max_attempts: 3, backoff: { initial: 1h, max: 2h, jitter: none } }
+  tripped:
+    upstream: clay
+    request: { method: POST, path: /v1/tripped, body: { id: \"{{ params.id }}\" } }
+    retry: { max_attempts: 1 }
+    breaker: { volume_threshold: 1, error_threshold_percentage: 50, reset_timeout: 30s }
+    idempotency: { key: [id] }
+  cached:
+    upstream: clay
+    request: { method: POST, path: /v1/cached, body: { id: \"{{ params.id }}\" } }
+    retry: { max_attempts: 1 }
+    fallback: { cache: { fresh: 1m, stale: 1h, very_stale: 1d, max_bytes: 4096 } }
 ";
 
 struct Rig {
@@ -104,10 +128,20 @@ async fn two_hundred_concurrent_duplicates_make_one_upstream_call() {
     while rig.script.hits() == 0 {
         tokio::task::yield_now().await;
     }
-    rig.script.release(1);
+    // Room for every call: a second upstream call would go through (and be
+    // counted) rather than hang, and the bound turns a hang into a failure.
+    rig.script.release(1_000);
     let mut fresh = 0;
-    for c in calls {
-        let invoked = c.await.expect("call task");
+    let all = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.expect("call task"));
+        }
+        out
+    })
+    .await
+    .expect("every duplicate answers within 30s");
+    for invoked in all {
         assert_eq!(body(&invoked), json!({"name": "Ada"}));
         if !replayed(&invoked) {
             fresh += 1;
@@ -249,9 +283,7 @@ async fn a_permanent_upstream_error_is_replayed_not_resent() {
 async fn a_crashed_claim_is_taken_over_when_its_lease_ends() {
     let rig = rig().await;
     let key = "caller-key-1";
-    let fingerprint =
-        claygate::pipeline::idempotency::sha256_canonical(&json!({"id": "3"}), "params")
-            .expect("hashable");
+    let fingerprint = claygate::pipeline::idempotency::fingerprint(&json!({"id": "3"}));
     let now = rig.runtime.clock.now();
     // A claim left by a process that died mid-call, lease 10s.
     let claim = rig
@@ -266,7 +298,7 @@ async fn a_crashed_claim_is_taken_over_when_its_lease_ends() {
         )
         .await
         .expect("claim");
-    assert_eq!(claim, Claim::Claimed);
+    assert!(matches!(claim, Claim::Claimed(_)), "{claim:?}");
     let request = InvokeRequest {
         params: json!({"id": "3"}),
         idempotency_key: Some(key.into()),
@@ -480,4 +512,321 @@ async fn an_open_breaker_still_replays_but_writes_no_claim() {
         "no claim was written for a call that was never sent"
     );
     assert_eq!(rig.script.hits(), 1);
+}
+
+/// A rig whose store is a [`Spy`] over a paused-clock-safe SQLite store.
+async fn spied() -> (Rig, Arc<Spy>) {
+    let dir = tempdir();
+    let script = Script::new();
+    let sqlite = Arc::new(
+        crate::support::dlq::inhibited(SqliteStore::open(dir.path()))
+            .await
+            .expect("store opens"),
+    );
+    let spy = Spy::new(Arc::new(PausedSafe(sqlite.clone())));
+    let compiled = compile_script(OPS, &script, None);
+    let runtime = Runtime::new(compiled, spy.clone() as Arc<dyn Store>, Clock::new());
+    (
+        Rig {
+            runtime,
+            script,
+            store: sqlite,
+            _dir: dir,
+        },
+        spy,
+    )
+}
+
+/// Review finding 9: a completed key replays from a read; only the first
+/// call claims (a synced write on the single writer, behind DLQ batches).
+#[tokio::test(start_paused = true)]
+async fn a_completed_key_replays_from_a_read_without_claiming() {
+    let (rig, spy) = spied().await;
+    let first = rig
+        .runtime
+        .invoke("enrich", call(json!({"email": "r@x.io"})))
+        .await;
+    assert!(matches!(first.answer, Answer::Ok(_)));
+    assert_eq!(spy.claims(), 1);
+    for _ in 0..5 {
+        let again = rig
+            .runtime
+            .invoke("enrich", call(json!({"email": "r@x.io"})))
+            .await;
+        assert!(replayed(&again), "{again:?}");
+    }
+    assert_eq!(spy.claims(), 1, "replays claim nothing");
+    assert_eq!(rig.script.hits(), 1);
+}
+
+/// Review finding 15: the no-claim fast path for an open breaker must not
+/// lose the answer of a call the breaker let through after all (it turned
+/// half-open between the check and the call).
+#[tokio::test(start_paused = true)]
+async fn a_call_the_breaker_lets_through_after_all_is_recorded() {
+    let (rig, spy) = spied().await;
+    rig.script.then(Step::Reply(503, json!({})));
+    let failed = rig
+        .runtime
+        .invoke("tripped", call(json!({"id": "a"})))
+        .await;
+    assert_eq!(error_code(&failed), "upstream_status");
+    let breaker = Arc::clone(&rig.runtime.compiled().operations["tripped"].breaker);
+    assert_eq!(breaker.state().as_str(), "open");
+
+    // The check sees the breaker open; by the time the call reaches the
+    // breaker its reset timeout has passed, and the call is the trial.
+    spy.before_next_get(async {
+        tokio::time::advance(Duration::from_secs(31)).await;
+    });
+    rig.script.then(Step::Reply(200, json!({"n": 1})));
+    let trial = rig
+        .runtime
+        .invoke("tripped", call(json!({"id": "b"})))
+        .await;
+    assert!(matches!(trial.answer, Answer::Ok(_)), "{trial:?}");
+    assert_eq!(trial.attempts, 1);
+    assert_eq!(rig.script.hits(), 2);
+
+    let again = rig
+        .runtime
+        .invoke("tripped", call(json!({"id": "b"})))
+        .await;
+    assert!(replayed(&again), "the trial's answer was stored: {again:?}");
+    assert_eq!(body(&again), json!({"n": 1}));
+    assert_eq!(rig.script.hits(), 2, "no second delivery");
+}
+
+/// Polls `call` once: it is admitted then (counted for a drain).
+async fn poll_once<F: Future + Unpin>(call: &mut F) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut *call).poll(cx).is_pending()))
+        .await
+}
+
+/// Review finding 16: a call that passed the API's `draining` check but
+/// whose task has not started yet must still be seen by the drain, waited
+/// for, and then interrupted (dead-lettered), never dropped. Finding 18:
+/// the interrupted call records the request it sent.
+#[tokio::test(start_paused = true)]
+async fn a_call_admitted_before_the_drain_is_waited_for_and_dead_lettered() {
+    let (rig, _spy) = spied().await;
+    rig.script.always(Step::Hang);
+    let runtime = Arc::clone(&rig.runtime);
+    let mut late = Box::pin(runtime.invoke("push", call(json!({"id": "r1"}))));
+    assert!(poll_once(&mut late).await, "still running");
+    assert_eq!(rig.runtime.active_calls(), 1, "admitted on its first poll");
+
+    let drained = rig.runtime.drain(Duration::from_millis(500)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            finished: 0,
+            interrupted: 1
+        }
+    );
+    assert_eq!(rig.runtime.active_calls(), 0);
+    let invoked = late.await;
+    let Answer::Queued { dlq_id, cause } = &invoked.answer else {
+        panic!("expected the interrupted call to be dead-lettered: {invoked:?}");
+    };
+    assert_eq!(cause.as_ref().map(|c| c.code()), Some("interrupted"));
+    assert_eq!(invoked.attempts, 1, "the request it sent is counted");
+    let entry = rig
+        .runtime
+        .store
+        .dlq_get(*dlq_id)
+        .await
+        .expect("readable")
+        .expect("stored");
+    assert_eq!(
+        (entry.error_code.as_str(), entry.call_attempts),
+        ("interrupted", 1)
+    );
+    assert_eq!(rig.script.hits(), 1);
+}
+
+/// Review finding 16: once a drain has begun, a call is refused at
+/// admission (`draining`), in `invoke` and `invoke_here` alike.
+#[tokio::test(start_paused = true)]
+async fn calls_after_the_drain_began_are_refused() {
+    let (rig, _spy) = spied().await;
+    assert!(!rig.runtime.is_closing());
+    let drained = rig.runtime.drain(Duration::from_secs(1)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            finished: 0,
+            interrupted: 0
+        }
+    );
+    assert!(rig.runtime.is_closing());
+    let refused = rig.runtime.invoke("push", call(json!({"id": "r2"}))).await;
+    assert_eq!(error_code(&refused), "draining");
+    let here = rig.runtime.invoke_here("plain", call(json!({}))).await;
+    assert_eq!(error_code(&here), "draining");
+    assert_eq!(rig.script.hits(), 0);
+    assert_eq!(rig.runtime.active_calls(), 0);
+}
+
+/// Review finding 6: a 64-bit id outside the key params no longer refuses
+/// a call with a caller's key, its fingerprint keeps adjacent ids apart, and
+/// a key param holding one is refused naming the param.
+#[tokio::test]
+async fn integers_beyond_2_pow_53_outside_key_params_are_fine() {
+    let rig = rig().await;
+    let big = |id: u64, key: &str| InvokeRequest {
+        params: json!({"email": "a@b.co", "clay_id": id}),
+        idempotency_key: Some(key.into()),
+        priority: None,
+    };
+    let mut schema_free = rig
+        .runtime
+        .invoke("plain", big(9_007_199_254_740_993, "k-1"))
+        .await;
+    assert!(
+        matches!(schema_free.answer, Answer::Ok(_)),
+        "{schema_free:?}"
+    );
+    // The same key with the adjacent id: other params, a conflict.
+    schema_free = rig
+        .runtime
+        .invoke("plain", big(9_007_199_254_740_992, "k-1"))
+        .await;
+    assert_eq!(error_code(&schema_free), "idempotency_conflict");
+    let again = rig
+        .runtime
+        .invoke("plain", big(9_007_199_254_740_993, "k-1"))
+        .await;
+    assert!(replayed(&again));
+
+    let derived = rig
+        .runtime
+        .invoke("push", call(json!({"id": 9_007_199_254_740_993u64})))
+        .await;
+    match &derived.answer {
+        Answer::Failed(e @ InvokeError::BadIdempotencyKey(_)) => {
+            assert!(e.to_string().contains("`id`"), "{e}");
+        }
+        other => panic!("expected bad_idempotency_key, got {other:?}"),
+    }
+    assert_eq!(rig.script.hits(), 1);
+}
+
+/// Review finding 4: `fallback.cache.max_bytes` reaches the memory cache.
+#[tokio::test]
+async fn the_memory_cache_gets_the_policys_byte_budget() {
+    let rig = rig().await;
+    let compiled = rig.runtime.compiled();
+    let memory = |op: &str| {
+        let fallback = compiled.operations[op]
+            .fallback
+            .as_ref()
+            .expect("a fallback");
+        (fallback.memory.capacity(), fallback.memory.max_bytes())
+    };
+    assert_eq!(memory("cached"), (10_000, 4096));
+    assert_eq!(memory("enrich"), (10_000, 64 * 1024 * 1024));
+    rig.script
+        .then(Step::Reply(200, json!({"big": "x".repeat(5000)})))
+        .then(Step::Reply(200, json!({"small": 1})));
+    rig.runtime.invoke("cached", call(json!({"id": "1"}))).await;
+    rig.runtime.invoke("cached", call(json!({"id": "2"}))).await;
+    let fallback = compiled.operations["cached"]
+        .fallback
+        .as_ref()
+        .expect("fallback");
+    assert_eq!(
+        fallback.memory.len(),
+        1,
+        "the answer over budget stays on disk only"
+    );
+    assert!(fallback.memory.bytes() <= 4096);
+}
+
+/// Review finding 17: an upstream that echoes its `Authorization` header
+/// (or an operation header) in an error body must not leak it into the
+/// answer, the stored replay, or a dead letter's stored answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_echoed_in_upstream_errors_are_scrubbed() {
+    const KEY: &str = "sk-live-0123456789abcdef";
+    const OP_SECRET: &str = "op-header-secret-42";
+    let fake = FakeUpstream::start().await;
+    let echo = format!(
+        "{{\"error\":\"bad credentials\",\"authorization\":\"Bearer {KEY}\",\"token\":\"{KEY}\",\"x-op-key\":\"{OP_SECRET}\"}}"
+    );
+    fake.then([Behavior::status(401, &echo)]);
+    let text = format!(
+        "version: 1
+upstreams:
+  clay:
+    base_url: \"{}\"
+    headers: {{ Authorization: \"Bearer ${{env:TEST_CLAY_KEY}}\" }}
+timeouts: {{ request: 2s }}
+operations:
+  lookup:
+    upstream: clay
+    request: {{ method: POST, path: /v1/lookup, headers: {{ X-Op-Key: \"${{env:TEST_OP_KEY}}\" }}, body: {{ id: \"{{{{ params.id }}}}\" }} }}
+    retry: {{ max_attempts: 1 }}
+    idempotency: {{ key: [id] }}
+",
+        fake.url()
+    );
+    let loaded = claygate::policy::load_str(
+        "secrets.yaml",
+        &text,
+        claygate::policy::LoadOptions {
+            unset_env: claygate::policy::UnsetEnv::Ignore,
+        },
+    );
+    let set = loaded
+        .set
+        .unwrap_or_else(|| panic!("{:#?}", loaded.diagnostics));
+    let options = claygate::compile::CompileOptions {
+        env: Box::new(|name| match name {
+            "TEST_CLAY_KEY" => Some(KEY.into()),
+            "TEST_OP_KEY" => Some(OP_SECRET.into()),
+            _ => None,
+        }),
+        transport: None,
+    };
+    let compiled = claygate::compile::compile_with(&set, None, &options).expect("compiles");
+    let dir = tempdir();
+    let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
+    let runtime = Runtime::new(compiled, store.clone() as Arc<dyn Store>, Clock::new());
+
+    let check = |invoked: &Invoked| match &invoked.answer {
+        Answer::Failed(InvokeError::Failure(claygate::pipeline::Failure::Status(reply))) => {
+            let body = String::from_utf8_lossy(&reply.body).into_owned();
+            assert!(!body.contains(KEY), "{body}");
+            assert!(!body.contains(OP_SECRET), "{body}");
+            assert!(body.contains("bad credentials"), "the rest stays: {body}");
+            assert!(body.contains("[redacted]"), "{body}");
+            reply.status.as_u16()
+        }
+        other => panic!("expected the upstream's error, got {other:?}"),
+    };
+    let first = runtime.invoke("lookup", call(json!({"id": "7"}))).await;
+    assert_eq!(check(&first), 401);
+    // The upstream did get the secrets: the echo is what it was sent.
+    let seen = fake.seen();
+    assert_eq!(seen[0].headers["authorization"], format!("Bearer {KEY}"));
+    assert_eq!(seen[0].headers["x-op-key"], OP_SECRET);
+
+    // The stored replay of the 401 is the scrubbed one.
+    let again = runtime.invoke("lookup", call(json!({"id": "7"}))).await;
+    assert!(replayed(&again));
+    assert_eq!(check(&again), 401);
+    let key = again.idempotency.expect("keyed").key;
+    match store.idempotency_get("lookup", &key).await.expect("read") {
+        Some(record) => match record.state {
+            IdempotencyState::Completed(r) => {
+                let body = String::from_utf8_lossy(&r.body).into_owned();
+                assert!(!body.contains(KEY) && !body.contains(OP_SECRET), "{body}");
+            }
+            other => panic!("expected a completed record, got {other:?}"),
+        },
+        None => panic!("the 401 is stored for replay"),
+    }
+    assert_eq!(fake.hits(), 1);
+    store.close().await.expect("close");
 }

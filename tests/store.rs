@@ -1,5 +1,7 @@
 //! The embedded store survives `kill -9`: every write it acknowledged is
-//! there after a restart, and the database passes its integrity check.
+//! there after a restart, and the database passes its integrity check. A
+//! dead letter written for a claimed key is there with its key marked
+//! queued (one transaction: never one without the other).
 //!
 //! The parent test re-runs this test binary as a child that hammers the
 //! store with concurrent durable writes, printing one line per acknowledged
@@ -17,6 +19,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use claygate::store::sqlite::SqliteStore;
 use claygate::store::{Claim, IdempotencyState, NewDeadLetter, Store, StoredResponse};
+
+fn letter(key: String, writer: usize, i: u64) -> NewDeadLetter {
+    NewDeadLetter {
+        operation: "push_row".into(),
+        params: json!({"writer": writer, "i": i, "pad": "x".repeat(200)}),
+        idempotency_key: Some(key),
+        priority: Some("bulk".into()),
+        error_code: "breaker_open".into(),
+        error_message: "the breaker is open".into(),
+        call_attempts: 3,
+        first_attempt_at: 1,
+        last_attempt_at: 2,
+        next_attempt_at: 3,
+    }
+}
 use serde_json::json;
 
 use crate::support::tempdir;
@@ -27,8 +44,9 @@ const CRASH_DIR: &str = "CLAYGATE_CRASH_DIR";
 /// Acknowledged writes the parent waits for before the kill.
 const ACKS: usize = 2_000;
 
-/// Concurrent writer tasks in the child (half dead letters, half idempotency).
-const WRITERS: usize = 16;
+/// Concurrent writer tasks in the child (a third dead letters, a third
+/// idempotency answers, a third dead letters of claimed keys).
+const WRITERS: usize = 18;
 
 fn answer(key: &str) -> StoredResponse {
     StoredResponse {
@@ -66,35 +84,44 @@ async fn crash_child() {
         let run = run.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0u64.. {
-                if writer % 2 == 0 {
-                    let id = store
-                        .dlq_insert(NewDeadLetter {
-                            operation: "push_row".into(),
-                            params: json!({"writer": writer, "i": i, "pad": "x".repeat(200)}),
-                            idempotency_key: Some(format!("{run}-{writer}-{i}")),
-                            priority: Some("bulk".into()),
-                            error_code: "breaker_open".into(),
-                            error_message: "the breaker is open".into(),
-                            call_attempts: 3,
-                            first_attempt_at: 1,
-                            last_attempt_at: 2,
-                            next_attempt_at: 3,
-                        })
-                        .await
-                        .expect("dlq_insert");
-                    acknowledge(&format!("dlq {id}"));
-                } else {
-                    let key = format!("{run}-{writer}-{i}");
-                    let claim = store
-                        .idempotency_claim("enrich", &key, "fp", 1, 2, i64::MAX)
-                        .await
-                        .expect("idempotency_claim");
-                    assert_eq!(claim, Claim::Claimed);
-                    store
-                        .idempotency_complete("enrich", &key, &answer(&key), i64::MAX)
-                        .await
-                        .expect("idempotency_complete");
-                    acknowledge(&format!("idem enrich {key}"));
+                let key = format!("{run}-{writer}-{i}");
+                match writer % 3 {
+                    0 => {
+                        let id = store
+                            .dlq_insert(letter(key, writer, i))
+                            .await
+                            .expect("dlq_insert");
+                        acknowledge(&format!("dlq {id}"));
+                    }
+                    1 => {
+                        let Claim::Claimed(token) = store
+                            .idempotency_claim("enrich", &key, "fp", 1, 2, i64::MAX)
+                            .await
+                            .expect("idempotency_claim")
+                        else {
+                            panic!("a fresh key is claimed");
+                        };
+                        let held = store
+                            .idempotency_complete("enrich", &key, &token, &answer(&key), i64::MAX)
+                            .await
+                            .expect("idempotency_complete");
+                        assert!(held);
+                        acknowledge(&format!("idem enrich {key}"));
+                    }
+                    _ => {
+                        let Claim::Claimed(token) = store
+                            .idempotency_claim("push_row", &key, "fp", 1, 2, i64::MAX)
+                            .await
+                            .expect("idempotency_claim")
+                        else {
+                            panic!("a fresh key is claimed");
+                        };
+                        let id = store
+                            .dlq_insert_holding(letter(key.clone(), writer, i), Some(&token))
+                            .await
+                            .expect("dlq_insert_holding");
+                        acknowledge(&format!("queued {id} {key}"));
+                    }
                 }
             }
         }));
@@ -109,11 +136,12 @@ async fn crash_child() {
 struct Acks {
     dlq: BTreeSet<i64>,
     idem: BTreeSet<(String, String)>,
+    queued: BTreeSet<(i64, String)>,
 }
 
 impl Acks {
     fn len(&self) -> usize {
-        self.dlq.len() + self.idem.len()
+        self.dlq.len() + self.idem.len() + self.queued.len()
     }
 }
 
@@ -167,6 +195,11 @@ fn crash_once(dir: &Path, run: &str, acks: &mut Acks) {
                 acks.idem.insert((op.to_owned(), key.to_owned()));
                 seen += 1;
             }
+            (Some("queued"), Some(id), Some(key)) => {
+                acks.queued
+                    .insert((id.parse().expect("a dead letter id"), key.to_owned()));
+                seen += 1;
+            }
             _ => {} // the test harness's own lines
         }
     }
@@ -209,6 +242,24 @@ async fn verify(dir: &Path, acks: &Acks) {
             "{op}/{key}"
         );
     }
+    for (id, key) in &acks.queued {
+        let entry = store
+            .dlq_get(*id)
+            .await
+            .expect("dlq_get")
+            .unwrap_or_else(|| panic!("acknowledged dead letter {id} is lost"));
+        assert_eq!(entry.idempotency_key.as_deref(), Some(key.as_str()));
+        let record = store
+            .idempotency_get("push_row", key)
+            .await
+            .expect("idempotency_get")
+            .unwrap_or_else(|| panic!("the key of dead letter {id} is lost"));
+        assert_eq!(
+            record.state,
+            IdempotencyState::Queued { dlq_id: *id },
+            "{key}"
+        );
+    }
     store.close().await.expect("close");
 }
 
@@ -226,5 +277,5 @@ fn crash_keeps_every_acknowledged_write() {
         rt.block_on(verify(dir.path(), &acks));
     }
     assert!(acks.len() >= 2 * ACKS, "{}", acks.len());
-    assert!(!acks.dlq.is_empty() && !acks.idem.is_empty());
+    assert!(!acks.dlq.is_empty() && !acks.idem.is_empty() && !acks.queued.is_empty());
 }

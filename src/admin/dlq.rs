@@ -1,11 +1,12 @@
 //! The dead-letter queue over HTTP: list (filtered, paged), inspect, replay
-//! one now, requeue many, delete.
+//! one now, requeue many, delete one, purge many.
 //!
 //! Query parameters are checked strictly: an unknown or repeated parameter
 //! or a bad value is a 400 `bad_query`, never silently ignored, since a
-//! typo'd filter would otherwise widen a listing or a replay. Replaying by
-//! filter needs an explicit filter: at least one field, or `"all": true`,
-//! so an empty body cannot requeue the whole queue by accident.
+//! typo'd filter would otherwise widen a listing or a replay. Replaying or
+//! purging by filter needs an explicit filter: at least one field, or
+//! `"all": true`, so an empty body cannot requeue or delete the whole queue
+//! by accident.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +23,7 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::error::{ApiError, Problem, failure_status};
 use crate::dlq::ReplayError;
-use crate::store::{DeadLetter, DlqFilter, DlqState, PageRequest};
+use crate::store::{DeadLetter, DlqFilter, DlqState, PageRequest, UnreadableDeadLetter};
 
 /// Entries a listing answers unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: u32 = 50;
@@ -35,6 +36,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_one, delete))
         .routes(routes!(replay_one))
         .routes(routes!(replay_matching))
+        .routes(routes!(purge))
 }
 
 /// Life cycle state of a dead letter.
@@ -117,11 +119,35 @@ impl From<DeadLetter> for DeadLetterView {
     }
 }
 
+/// A stored dead letter that cannot be read back (a damaged row): find it
+/// here, then delete it by id.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UnreadableView {
+    /// Its id.
+    pub id: i64,
+    /// Its operation, when that much reads.
+    pub operation: Option<String>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl From<UnreadableDeadLetter> for UnreadableView {
+    fn from(u: UnreadableDeadLetter) -> Self {
+        UnreadableView {
+            id: u.id,
+            operation: u.operation,
+            reason: u.reason,
+        }
+    }
+}
+
 /// A page of dead letters.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeadLetterPage {
     /// The entries, in id order.
     pub entries: Vec<DeadLetterView>,
+    /// Rows of this page that cannot be read back (usually none).
+    pub unreadable: Vec<UnreadableView>,
     /// Pass as `after` for the next page; absent on the last page.
     pub next_after: Option<i64>,
 }
@@ -138,6 +164,28 @@ pub struct ReplayFilter {
     pub error_code: Option<String>,
     /// Every pending and parked entry; must be alone.
     pub all: Option<bool>,
+}
+
+/// Which dead letters to delete. At least one field, or `all: true` alone.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeFilter {
+    /// Only this operation.
+    pub operation: Option<String>,
+    /// Only this state: `pending`, `delivered` or `parked`. Without it,
+    /// pending entries (work not yet delivered) are deleted too.
+    pub state: Option<String>,
+    /// Only this error code.
+    pub error_code: Option<String>,
+    /// Every entry, pending ones included; must be alone.
+    pub all: Option<bool>,
+}
+
+/// How many entries a purge deleted.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Purged {
+    /// Entries deleted (their queued or parked idempotency keys are freed).
+    pub purged: u64,
 }
 
 /// How many entries a replay by filter requeued.
@@ -299,6 +347,11 @@ pub async fn list(
         .await?;
     Ok(Json(DeadLetterPage {
         entries: page.entries.into_iter().map(DeadLetterView::from).collect(),
+        unreadable: page
+            .unreadable
+            .into_iter()
+            .map(UnreadableView::from)
+            .collect(),
         next_after: page.next_after,
     }))
 }
@@ -448,8 +501,59 @@ fn bad_filter(detail: impl Into<String>) -> ApiError {
     ApiError::bad_request("bad_filter", detail)
 }
 
+/// Deletes every dead letter matching the filter, pending ones too unless
+/// the filter names a state, and frees their queued or parked idempotency
+/// keys (the work is gone: a retry of the original call runs afresh).
+#[utoipa::path(
+    post,
+    path = "/v1/dlq/purge",
+    tag = "dlq",
+    request_body(content = PurgeFilter, content_type = "application/json", description = "At least one of `operation`, `state`, `error_code`; or `{\"all\": true}` for every entry"),
+    responses(
+        (status = 200, description = "How many entries were deleted", body = Purged),
+        (status = 400, description = "Malformed body, bad value, or no filter (`bad_filter`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store cannot be written (`store_unavailable`)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn purge(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Purged>, ApiError> {
+    let f: PurgeFilter = filter_body(&headers, &body)?;
+    let filter = selected(
+        [f.operation, f.state, f.error_code],
+        f.all,
+        "say which entries to purge: at least one of `operation`, `state`, `error_code`, or `{\"all\": true}` for every entry (pending ones included)",
+        "`all: true` purges every entry and cannot be combined with a filter field; send one or the other",
+    )?;
+    let runtime = std::sync::Arc::clone(state.runtime());
+    let task_filter = filter.clone();
+    // In its own task: a client that goes away must not cut it off.
+    let purged = tokio::spawn(async move { runtime.store.dlq_purge(&task_filter).await })
+        .await
+        .map_err(internal)??;
+    tracing::info!(?filter, purged, "dead letters purged by admin");
+    Ok(Json(Purged { purged }))
+}
+
 /// The body of `POST /v1/dlq/replay` as a store filter.
 fn replay_filter(headers: &HeaderMap, body: &Bytes) -> Result<DlqFilter, ApiError> {
+    let f: ReplayFilter = filter_body(headers, body)?;
+    selected(
+        [f.operation, f.state, f.error_code],
+        f.all,
+        "say which entries to replay: at least one of `operation`, `state`, `error_code`, or `{\"all\": true}` for every pending and parked entry",
+        "`all: true` replays every entry and cannot be combined with a filter field; send one or the other",
+    )
+}
+
+/// A JSON filter body (`Content-Type: application/json`).
+fn filter_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<T, ApiError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -462,36 +566,36 @@ fn replay_filter(headers: &HeaderMap, body: &Bytes) -> Result<DlqFilter, ApiErro
             "send the filter as JSON with `Content-Type: application/json`",
         ));
     }
-    let f: ReplayFilter = serde_json::from_slice(body)
-        .map_err(|e| bad_filter(format!("the body is not a replay filter: {e}")))?;
-    let fields = [&f.operation, &f.state, &f.error_code];
+    serde_json::from_slice(body).map_err(|e| bad_filter(format!("the body is not a filter: {e}")))
+}
+
+/// `operation`, `state`, `error_code` and `all` of a filter body as a store
+/// filter: at least one field, or `all: true` alone.
+fn selected(
+    [operation, state, error_code]: [Option<String>; 3],
+    all: Option<bool>,
+    none: &str,
+    both: &str,
+) -> Result<DlqFilter, ApiError> {
+    let fields = [&operation, &state, &error_code];
     for (name, value) in ["operation", "state", "error_code"].into_iter().zip(fields) {
         if let Some(problem) = value.as_deref().and_then(|v| not_a_name(name, v)) {
             return Err(bad_filter(problem));
         }
     }
     let any_field = fields.iter().any(|v| v.is_some());
-    match (f.all, any_field) {
-        (Some(true), true) => {
-            return Err(bad_filter(
-                "`all: true` replays every entry and cannot be combined with a filter field; send one or the other",
-            ));
-        }
+    match (all, any_field) {
+        (Some(true), true) => return Err(bad_filter(both)),
         (Some(true), false) | (None | Some(false), true) => {}
-        (None | Some(false), false) => {
-            return Err(bad_filter(
-                "say which entries to replay: at least one of `operation`, `state`, `error_code`, or `{\"all\": true}` for every pending and parked entry",
-            ));
-        }
+        (None | Some(false), false) => return Err(bad_filter(none)),
     }
     Ok(DlqFilter {
-        operation: f.operation,
-        state: f
-            .state
+        operation,
+        state: state
             .as_deref()
             .map(|s| parse_state(s, "`state`"))
             .transpose()
             .map_err(bad_filter)?,
-        error_code: f.error_code,
+        error_code,
     })
 }

@@ -167,6 +167,11 @@ pub fn invoke_error(e: &InvokeError) -> ApiError {
             Some(Duration::from_secs(1)),
         ),
         InvokeError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, None),
+        InvokeError::Draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(Duration::from_secs(1)),
+        ),
+        InvokeError::DeadLetterParked { .. } => (StatusCode::CONFLICT, None),
         InvokeError::Failure(f) => failure_status(f),
     };
     let mut error = ApiError::new(status, e.code(), e.to_string());
@@ -181,6 +186,9 @@ pub fn invoke_error(e: &InvokeError) -> ApiError {
     }
     if let InvokeError::InvalidParams { path, .. } = e {
         error = error.with("path", Value::String(path.clone()));
+    }
+    if let InvokeError::DeadLetterParked { dlq_id } = e {
+        error = error.with("dlq_id", Value::from(*dlq_id));
     }
     error
 }

@@ -142,7 +142,7 @@ pub struct IdempotencyMeta {
         (status = 202, description = "Failed for good and written to the DLQ (`queued`); `Location` names the entry", body = Envelope),
         (status = 400, description = "Malformed body, idempotency key or priority", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown operation (or the upstream's 404)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A call with this idempotency key is in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A call with this idempotency key is in flight (`idempotency_in_flight`), or was dead-lettered and parked (`dead_lettered_parked`, `dlq_id` names the entry)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Params fail params_schema, or the idempotency key was used with other params", body = Problem, content_type = "application/problem+json"),

@@ -2,14 +2,22 @@
 //! table of calls in flight.
 //!
 //! A key is the caller's `Idempotency-Key` header, or sha256 over the
-//! canonical JSON (RFC 8785) of the operation name and the `key` params. The
-//! fingerprint is sha256 over the canonical JSON of all params: the same key
-//! with another fingerprint is a conflict (422), not a replay.
+//! canonical JSON (RFC 8785) of the operation name and the `key` params:
+//! RFC 8785, so that another client can derive the same key, which is why a
+//! key param holding a number beyond 2^53 (which RFC 8785's IEEE doubles
+//! would round, so two ids could hash alike) is refused.
+//!
+//! The fingerprint of a call's params (the same key with another
+//! fingerprint is a conflict, 422, not a replay) and the fallback cache key
+//! are claygate's own business, so they never refuse a call: see
+//! [`fingerprint`].
 //!
 //! Duplicates inside one process meet in [`InFlight`]: the first caller
 //! leads, the others wait on a watch channel for its result, so 200
-//! concurrent duplicates make one upstream call and one store claim.
-//! Duplicates across processes meet in the store's in-flight record.
+//! concurrent duplicates make one upstream call and one store claim. The
+//! store's exclusive lock lets only one process open it, so the only
+//! in-flight record another caller can meet in the store is one left by a
+//! process that crashed mid-call: it is taken over once its lease lapses.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,6 +35,8 @@ pub const MAX_KEY_LEN: usize = 255;
 
 /// Largest integer that canonical JSON (IEEE doubles) keeps exactly.
 const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+/// [`MAX_SAFE_INTEGER`] as a double (exact: it has 53 bits).
+const MAX_SAFE_FLOAT: f64 = 9_007_199_254_740_991.0;
 
 /// Idempotency settings of one operation, every field decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +63,9 @@ pub enum KeyError {
     /// A key param is missing from the params.
     #[error("idempotency key param `{0}` is missing")]
     MissingParam(String),
-    /// A number that canonical JSON cannot represent exactly.
+    /// A key param holds a number that canonical JSON cannot represent exactly.
     #[error(
-        "`{0}` holds an integer beyond 2^53, which cannot be hashed canonically; send it as a string"
+        "idempotency key param `{0}` holds a number beyond 2^53, which canonical JSON cannot keep exact; send it as a string"
     )]
     UnsafeNumber(String),
 }
@@ -69,9 +79,11 @@ pub fn check_key(key: &str) -> Result<(), KeyError> {
     Ok(())
 }
 
-/// The derived key of a call: sha256 over canonical JSON of
+/// The derived key of a call: sha256 over canonical JSON (RFC 8785) of
 /// `[operation, {param: value, …}]` for the `key_params`. `None` when the
-/// operation declares no key params.
+/// operation declares no key params. A key param holding a number beyond
+/// 2^53 in magnitude is refused (RFC 8785 would round it; an integer beyond
+/// `u64` has already been rounded by parsing), naming the param.
 pub fn derive_key(
     operation: &str,
     key_params: &[String],
@@ -85,45 +97,91 @@ pub fn derive_key(
         let value = params
             .get(name)
             .ok_or_else(|| KeyError::MissingParam(name.clone()))?;
+        if !numbers_exact(value, true) {
+            return Err(KeyError::UnsafeNumber(name.clone()));
+        }
         selected.insert(name.clone(), value.clone());
     }
     let doc = Value::Array(vec![
         Value::String(operation.to_owned()),
         Value::Object(selected),
     ]);
-    Ok(Some(sha256_canonical(&doc, "params")?))
-}
-
-/// sha256 (hex) over the canonical JSON of `value`, refusing integers that
-/// canonical JSON would round (two different ids must not hash alike).
-pub fn sha256_canonical(value: &Value, place: &str) -> Result<String, KeyError> {
-    check_numbers(value, place)?;
     // Serialising a `Value` cannot fail: its keys are strings, and
     // non-finite floats cannot be stored in one.
-    let text = serde_json_canonicalizer::to_string(value)
-        .map_err(|_| KeyError::UnsafeNumber(place.to_owned()))?;
-    Ok(hex(&Sha256::digest(text.as_bytes())))
+    let text = serde_json_canonicalizer::to_string(&doc)
+        .map_err(|_| KeyError::UnsafeNumber("params".to_owned()))?;
+    Ok(Some(hex(&Sha256::digest(text.as_bytes()))))
 }
 
-fn check_numbers(value: &Value, place: &str) -> Result<(), KeyError> {
+/// sha256 (hex) of `value`, for comparing params: the idempotency
+/// fingerprint and the fallback cache key. Never refuses a value.
+///
+/// When every integer is within 2^53 this is sha256 over RFC 8785 canonical
+/// JSON (what earlier versions stored, so their records still match).
+/// Otherwise it is sha256 over `exact:` and a deterministic encoding that
+/// keeps integers exact (keys sorted by their bytes, no whitespace, numbers
+/// as serde_json prints them: `u64`/`i64` digit for digit), so two 64-bit
+/// ids never share a fingerprint. Integers beyond `u64` reach claygate
+/// already parsed as doubles and stay rounded.
+pub fn fingerprint(value: &Value) -> String {
+    if numbers_exact(value, false)
+        && let Ok(text) = serde_json_canonicalizer::to_string(value)
+    {
+        return hex(&Sha256::digest(text.as_bytes()));
+    }
+    let mut text = String::from("exact:");
+    exact_json(value, &mut text);
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Whether every number of `value` is one RFC 8785 keeps exact: integers
+/// within ±2^53, and (when `floats` is set) floats within ±2^53 too, since a
+/// float that large may be a rounded integer.
+fn numbers_exact(value: &Value, floats: bool) -> bool {
     match value {
-        Value::Number(n) => {
-            let exact = match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => u <= MAX_SAFE_INTEGER,
-                (None, Some(i)) => i.unsigned_abs() <= MAX_SAFE_INTEGER,
-                (None, None) => true,
-            };
-            if exact {
-                Ok(())
-            } else {
-                Err(KeyError::UnsafeNumber(place.to_owned()))
+        Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => u <= MAX_SAFE_INTEGER,
+            (None, Some(i), _) => i.unsigned_abs() <= MAX_SAFE_INTEGER,
+            (None, None, Some(f)) => !floats || f.abs() <= MAX_SAFE_FLOAT,
+            (None, None, None) => false,
+        },
+        Value::Array(items) => items.iter().all(|v| numbers_exact(v, floats)),
+        Value::Object(map) => map.values().all(|v| numbers_exact(v, floats)),
+        _ => true,
+    }
+}
+
+/// Appends the deterministic encoding of `value`: object keys sorted by
+/// their bytes, no whitespace, scalars as serde_json prints them.
+fn exact_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                exact_json(item, out);
             }
+            out.push(']');
         }
-        Value::Array(items) => items.iter().try_for_each(|v| check_numbers(v, place)),
-        Value::Object(map) => map
-            .iter()
-            .try_for_each(|(k, v)| check_numbers(v, &format!("{place}.{k}"))),
-        _ => Ok(()),
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                if let Some(v) = map.get(key) {
+                    exact_json(v, out);
+                }
+            }
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_string()),
     }
 }
 
@@ -280,13 +338,55 @@ mod tests {
     }
 
     #[test]
-    fn unsafe_integers_are_refused_not_rounded() {
+    fn unsafe_numbers_in_key_params_are_refused_not_rounded() {
         let keys = ["id".to_owned()];
         let big = derive_key("op", &keys, &json!({"id": 9007199254740993u64}));
-        assert_eq!(big, Err(KeyError::UnsafeNumber("params.id".into())));
+        assert_eq!(big, Err(KeyError::UnsafeNumber("id".into())));
+        let nested = derive_key("op", &keys, &json!({"id": {"a": [-9007199254740993i64]}}));
+        assert_eq!(nested, Err(KeyError::UnsafeNumber("id".into())));
+        // Beyond u64 the parser already rounded it to a double: refused too.
+        let huge: Value = serde_json::from_str(r#"{"id": 18446744073709551617}"#).expect("JSON");
+        assert_eq!(
+            derive_key("op", &keys, &huge),
+            Err(KeyError::UnsafeNumber("id".into()))
+        );
         assert!(derive_key("op", &keys, &json!({"id": 9007199254740991u64})).is_ok());
         assert!(derive_key("op", &keys, &json!({"id": -9007199254740991i64})).is_ok());
         assert!(derive_key("op", &keys, &json!({"id": 1.5})).is_ok());
+        // Only key params count: another param may hold a 64-bit id.
+        let other = json!({"id": "x", "clay_id": 9007199254740993u64});
+        assert!(derive_key("op", &keys, &other).is_ok());
+    }
+
+    #[test]
+    fn fingerprints_keep_64_bit_integers_apart_and_never_refuse() {
+        let a = fingerprint(&json!({"id": 9007199254740993u64, "n": 1}));
+        let b = fingerprint(&json!({"id": 9007199254740992u64, "n": 1}));
+        let a_again = fingerprint(&json!({"n": 1, "id": 9007199254740993u64}));
+        assert_ne!(a, b, "adjacent 64-bit ids differ");
+        assert_eq!(a, a_again, "key order does not matter");
+        assert_ne!(
+            fingerprint(&json!({"id": u64::MAX})),
+            fingerprint(&json!({"id": u64::MAX - 1}))
+        );
+        assert_ne!(
+            fingerprint(&json!({"id": i64::MIN})),
+            fingerprint(&json!({"id": i64::MIN + 1}))
+        );
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn the_exact_encoding_sorts_keys_and_escapes_strings() {
+        let mut out = String::new();
+        exact_json(
+            &json!({"b": [1, -2, 1.5, true, null], "a": {"z": "q\"u", "y": 18446744073709551615u64}}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            r#"{"a":{"y":18446744073709551615,"z":"q\"u"},"b":[1,-2,1.5,true,null]}"#
+        );
     }
 
     #[test]
@@ -300,14 +400,20 @@ mod tests {
     }
 
     #[test]
-    fn fingerprints_are_canonical() {
-        let a = sha256_canonical(&json!({"x": 1, "y": [1, 2]}), "params");
-        let b = sha256_canonical(&json!({"y": [1, 2], "x": 1}), "params");
+    fn fingerprints_of_safe_params_are_rfc_8785_as_before() {
+        let a = fingerprint(&json!({"x": 1, "y": [1, 2]}));
+        let b = fingerprint(&json!({"y": [1, 2], "x": 1}));
         assert_eq!(a, b);
-        assert_ne!(a, sha256_canonical(&json!({"y": [2, 1], "x": 1}), "params"));
+        assert_ne!(a, fingerprint(&json!({"y": [2, 1], "x": 1})));
+        // sha256 of `"abc"`: the record format of earlier versions.
         assert_eq!(
-            sha256_canonical(&json!("abc"), "p"),
-            Ok("6cc43f858fbb763301637b5af970e2a46b46f461f27e5a0f41e009c59b827b25".into())
+            fingerprint(&json!("abc")),
+            "6cc43f858fbb763301637b5af970e2a46b46f461f27e5a0f41e009c59b827b25"
+        );
+        // RFC 8785: 1.0 and 1 are the same number.
+        assert_eq!(
+            fingerprint(&json!({"x": 1.0})),
+            fingerprint(&json!({"x": 1}))
         );
     }
 

@@ -543,6 +543,8 @@ pub struct CacheFallback {
     pub key: Option<Vec<String>>,
     /// Entries kept in memory.
     pub max_entries: Option<u32>,
+    /// Bytes of cached answers kept in memory; 64 MiB unless said.
+    pub max_bytes: Option<u64>,
 }
 
 /// Dead-letter queue settings of an operation.

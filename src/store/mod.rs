@@ -14,8 +14,30 @@
 //! | record | when the returned future resolves |
 //! | --- | --- |
 //! | dead letter (insert, state changes) | committed and synced to disk |
-//! | idempotency record (claim, complete, queue) | committed and synced to disk |
+//! | idempotency record (claim, complete, release) | committed and synced to disk |
 //! | fallback cache entry | accepted; written soon after (a cache may lose its last entries) |
+//!
+//! # Who may change an idempotency record
+//!
+//! A record changes only by the hand that holds it, so a late writer can
+//! never overwrite someone else's key:
+//!
+//! * an **in-flight** record belongs to the [`ClaimToken`] that
+//!   [`Store::idempotency_claim`] answered: complete, release and
+//!   dead-letter ([`Store::dlq_insert_holding`]) match on it, so a holder
+//!   whose lease ran out (and was taken over) changes nothing;
+//! * a **queued** or **parked** record belongs to its dead letter (`dlq_id`):
+//!   the dead letter's own transitions ([`Store::dlq_update`],
+//!   [`Store::dlq_requeue`], [`Store::dlq_delete`], [`Store::dlq_purge`])
+//!   change it, in the same transaction as the dead letter, so a new call
+//!   that reused the key after it expired is never touched.
+//!
+//! The record mirrors its dead letter: `queued` while the entry is pending
+//! (and it does not expire meanwhile, so a duplicate never runs the work a
+//! second time alongside the redrive), `completed` with the delivering
+//! answer (or a permanent upstream answer), `parked` while the entry is
+//! parked, and gone when the entry is deleted or purged (the work is gone;
+//! a retry may run afresh).
 
 pub mod sqlite;
 
@@ -91,6 +113,15 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// An idempotency claim is no longer held by the token given (its lease
+    /// ran out and another caller took the key over).
+    #[error("idempotency key `{key}` of `{operation}` is no longer held by this call")]
+    ClaimLost {
+        /// The operation.
+        operation: String,
+        /// The key.
+        key: String,
+    },
     /// The store was closed.
     #[error("the store is closed")]
     Closed,
@@ -110,6 +141,32 @@ pub struct StoredResponse {
     pub body: Bytes,
 }
 
+/// Proof of holding an in-flight idempotency claim: answered by
+/// [`Store::idempotency_claim`], required to complete, release or
+/// dead-letter the claimed key (random, so a taken-over claim's old holder
+/// cannot guess the new one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClaimToken(String);
+
+impl ClaimToken {
+    /// A fresh random token (128 bits, hex).
+    pub fn random() -> ClaimToken {
+        use rand::RngExt;
+        let bits: u128 = rand::rng().random();
+        ClaimToken(format!("{bits:032x}"))
+    }
+
+    /// A token as stored.
+    pub fn from_stored(text: impl Into<String>) -> ClaimToken {
+        ClaimToken(text.into())
+    }
+
+    /// The stored form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Where an idempotency key stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyState {
@@ -121,8 +178,15 @@ pub enum IdempotencyState {
     },
     /// The call finished; its answer is replayed until the record expires.
     Completed(StoredResponse),
-    /// The call was dead-lettered; a duplicate answers with the entry.
+    /// The call was dead-lettered and its entry is pending; a duplicate
+    /// answers with the entry (202).
     Queued {
+        /// The dead letter's id.
+        dlq_id: i64,
+    },
+    /// The call's dead letter was parked (out of attempts): it needs a
+    /// human, and a duplicate hears so instead of "queued".
+    Parked {
         /// The dead letter's id.
         dlq_id: i64,
     },
@@ -137,7 +201,7 @@ pub struct IdempotencyRecord {
     pub key: String,
     /// sha256 (hex) of the canonical params of the call that claimed the key.
     pub fingerprint: String,
-    /// In flight, completed or queued.
+    /// In flight, completed, queued or parked.
     pub state: IdempotencyState,
     /// When the key was claimed.
     pub created_at: UnixMillis,
@@ -148,8 +212,9 @@ pub struct IdempotencyRecord {
 /// What [`Store::idempotency_claim`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The caller now holds the key (it was free, expired, or its lease lapsed).
-    Claimed,
+    /// The caller now holds the key (it was free, expired, or its lease
+    /// lapsed), with this token.
+    Claimed(ClaimToken),
     /// Someone else holds it, or its answer is stored.
     Existing(IdempotencyRecord),
 }
@@ -263,14 +328,17 @@ pub struct DeadLetter {
 /// The result of one redrive of a dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DlqUpdate {
-    /// The upstream accepted it.
+    /// The upstream accepted it. The entry's idempotency record (when the
+    /// entry still holds it) becomes `completed` with `response`.
     Delivered {
         /// When.
         at: UnixMillis,
-        /// The answer's status.
-        status: u16,
+        /// The delivering answer.
+        response: StoredResponse,
         /// Kept until (retention).
         expires_at: UnixMillis,
+        /// When the idempotency record of the answer expires (its ttl).
+        key_expires_at: UnixMillis,
     },
     /// It failed and will be tried again.
     Retry {
@@ -283,7 +351,10 @@ pub enum DlqUpdate {
         /// When to try again.
         next_attempt_at: UnixMillis,
     },
-    /// It failed for good (out of attempts, or a permanent error).
+    /// It failed for good (out of attempts, or a permanent error). The
+    /// entry's idempotency record becomes `completed` with `answer` when
+    /// given (a permanent upstream answer is the call's result), else
+    /// `parked`.
     Parked {
         /// When.
         at: UnixMillis,
@@ -293,6 +364,10 @@ pub enum DlqUpdate {
         error_message: String,
         /// Kept until (retention).
         expires_at: UnixMillis,
+        /// The permanent upstream answer to replay to duplicates, if any.
+        answer: Option<StoredResponse>,
+        /// When the idempotency record expires.
+        key_expires_at: UnixMillis,
     },
 }
 
@@ -316,13 +391,39 @@ pub struct PageRequest {
     pub limit: u32,
 }
 
+/// A stored dead letter that cannot be read back (a damaged row): what is
+/// known of it, so an admin can find it and delete it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnreadableDeadLetter {
+    /// Its id.
+    pub id: i64,
+    /// Its operation, when that column reads.
+    pub operation: Option<String>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
 /// A page of dead letters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DlqPage {
     /// The entries.
     pub entries: Vec<DeadLetter>,
+    /// Rows of the page that cannot be read back, in id order (listed, not
+    /// hidden, so they can be deleted).
+    pub unreadable: Vec<UnreadableDeadLetter>,
     /// Pass as `after` for the next page; `None` on the last page.
     pub next_after: Option<i64>,
+}
+
+/// Due dead letters of one operation: the readable ones to redrive, and
+/// rows that cannot be read back (to be parked, so they cannot block the
+/// queue).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueEntries {
+    /// Entries to redrive, oldest due first.
+    pub entries: Vec<DeadLetter>,
+    /// Due rows that cannot be read back.
+    pub unreadable: Vec<UnreadableDeadLetter>,
 }
 
 /// How many dead letters one operation has in one state.
@@ -338,12 +439,14 @@ pub struct DlqCount {
 
 /// Durable state behind the runtime. Every method is safe to call
 /// concurrently; implementations batch writes as they see fit (group commit)
-/// but keep the durability promises of the module table.
+/// but keep the durability promises of the module table, and the rules of
+/// who may change an idempotency record (module docs).
 pub trait Store: Send + Sync + 'static {
     /// Claims `key` of `operation` as in flight until `lease_until`, unless a
     /// live record holds it. A record whose `expires_at <= now`, or an
     /// in-flight record whose `lease_until <= now`, is replaced (the caller
-    /// takes it over). Durable before it resolves.
+    /// takes it over). Answers the new claim's token, or the record found.
+    /// Durable before it resolves.
     fn idempotency_claim<'a>(
         &'a self,
         operation: &'a str,
@@ -354,31 +457,26 @@ pub trait Store: Send + Sync + 'static {
         expires_at: UnixMillis,
     ) -> BoxFuture<'a, StoreResult<Claim>>;
 
-    /// Stores the answer of a claimed key, to be replayed until `expires_at`.
+    /// Stores the answer of the key claimed with `token`, to be replayed
+    /// until `expires_at`. Answers `false`, changing nothing, when `token`
+    /// no longer holds the key (taken over, released or gone).
     fn idempotency_complete<'a>(
         &'a self,
         operation: &'a str,
         key: &'a str,
+        token: &'a ClaimToken,
         response: &'a StoredResponse,
         expires_at: UnixMillis,
-    ) -> BoxFuture<'a, StoreResult<()>>;
+    ) -> BoxFuture<'a, StoreResult<bool>>;
 
-    /// Marks a claimed key as dead-lettered in entry `dlq_id`.
-    fn idempotency_queue<'a>(
-        &'a self,
-        operation: &'a str,
-        key: &'a str,
-        dlq_id: i64,
-        expires_at: UnixMillis,
-    ) -> BoxFuture<'a, StoreResult<()>>;
-
-    /// Drops an in-flight claim (the call failed in a way that is not
-    /// stored, so a later try may run). Completed records are left alone.
+    /// Drops the in-flight claim held with `token` (the call failed in a way
+    /// that is not stored, so a later try may run). Answers whether it did.
     fn idempotency_release<'a>(
         &'a self,
         operation: &'a str,
         key: &'a str,
-    ) -> BoxFuture<'a, StoreResult<()>>;
+        token: &'a ClaimToken,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
 
     /// The record of `key`, expired or not.
     fn idempotency_get<'a>(
@@ -410,14 +508,37 @@ pub trait Store: Send + Sync + 'static {
         keep: u64,
     ) -> BoxFuture<'a, StoreResult<u64>>;
 
+    /// Deletes entries of every operation *not* in `live` (operations a
+    /// reload removed, or that lost their cache) fetched before
+    /// `fetched_before`; answers how many.
+    fn cache_sweep_others<'a>(
+        &'a self,
+        live: &'a [String],
+        fetched_before: UnixMillis,
+    ) -> BoxFuture<'a, StoreResult<u64>>;
+
     /// Writes a dead letter (state pending); durable before it resolves.
-    /// Answers its id.
-    fn dlq_insert(&self, entry: NewDeadLetter) -> BoxFuture<'_, StoreResult<i64>>;
+    /// Answers its id. With `claim`, the entry's idempotency key (held with
+    /// that token) is marked `queued` in the same transaction, so no crash
+    /// can leave a dead letter whose key still looks in flight; when the
+    /// token no longer holds the key, nothing is written and the answer is
+    /// [`StoreError::ClaimLost`].
+    fn dlq_insert_holding<'a>(
+        &'a self,
+        entry: NewDeadLetter,
+        claim: Option<&'a ClaimToken>,
+    ) -> BoxFuture<'a, StoreResult<i64>>;
+
+    /// [`dlq_insert_holding`](Store::dlq_insert_holding) without a key to mark.
+    fn dlq_insert(&self, entry: NewDeadLetter) -> BoxFuture<'_, StoreResult<i64>> {
+        self.dlq_insert_holding(entry, None)
+    }
 
     /// One dead letter.
     fn dlq_get(&self, id: i64) -> BoxFuture<'_, StoreResult<Option<DeadLetter>>>;
 
-    /// Dead letters matching `filter`, a page at a time, in id order.
+    /// Dead letters matching `filter`, a page at a time, in id order; rows
+    /// that cannot be read back are listed apart, never fail the page.
     fn dlq_list<'a>(
         &'a self,
         filter: &'a DlqFilter,
@@ -425,37 +546,52 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, StoreResult<DlqPage>>;
 
     /// Pending entries of `operation` due at `now` (`next_attempt_at <= now`),
-    /// oldest due first, at most `limit`.
+    /// oldest due first, at most `limit` rows; unreadable rows apart.
     fn dlq_due<'a>(
         &'a self,
         operation: &'a str,
         now: UnixMillis,
         limit: u32,
-    ) -> BoxFuture<'a, StoreResult<Vec<DeadLetter>>>;
+    ) -> BoxFuture<'a, StoreResult<DueEntries>>;
 
     /// Records the result of one redrive of entry `id` (counting it in
-    /// `redrive_attempts`); durable. Answers the updated entry, `None` when
-    /// it no longer exists.
+    /// `redrive_attempts`), and moves its idempotency record along (see
+    /// [`DlqUpdate`]); durable. Answers the updated entry, `None` when it no
+    /// longer exists.
     fn dlq_update(
         &self,
         id: i64,
         update: DlqUpdate,
     ) -> BoxFuture<'_, StoreResult<Option<DeadLetter>>>;
 
+    /// Parks pending entry `id`, whose row cannot be read back, with error
+    /// code `unreadable_record` and `reason`, and no expiry (it waits for a
+    /// human); its idempotency record, when it holds one, becomes parked.
+    /// Answers whether it was pending.
+    fn dlq_park_unreadable<'a>(
+        &'a self,
+        id: i64,
+        reason: &'a str,
+        at: UnixMillis,
+    ) -> BoxFuture<'a, StoreResult<bool>>;
+
     /// Makes matching entries pending and due at `now` (a replay by filter;
-    /// parked entries get a fresh count of redrive attempts). Delivered
-    /// entries match only a filter that names the `delivered` state, so a
-    /// broad replay never sends delivered work again. Answers how many.
+    /// parked entries get a fresh count of redrive attempts), and their
+    /// idempotency records queued again. Delivered entries match only a
+    /// filter that names the `delivered` state, so a broad replay never
+    /// sends delivered work again. Answers how many.
     fn dlq_requeue<'a>(
         &'a self,
         filter: &'a DlqFilter,
         now: UnixMillis,
     ) -> BoxFuture<'a, StoreResult<u64>>;
 
-    /// Deletes one entry; answers whether it existed.
+    /// Deletes one entry, and its idempotency record while queued or parked
+    /// (the work is gone: a retry may run afresh); answers whether it existed.
     fn dlq_delete(&self, id: i64) -> BoxFuture<'_, StoreResult<bool>>;
 
-    /// Deletes every matching entry; answers how many.
+    /// Deletes every matching entry (pending ones too), and their queued or
+    /// parked idempotency records; answers how many entries.
     fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>>;
 
     /// Entry counts by operation and state.

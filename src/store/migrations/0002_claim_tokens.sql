@@ -1,0 +1,36 @@
+-- claygate store, schema version 2: claim tokens and parked keys.
+--
+-- Idempotency records gain `claim_token` (the random token of the in-flight
+-- claim: only its holder may complete, release or dead-letter the key) and
+-- the state `parked` (the key's dead letter was parked: a duplicate is told
+-- so instead of "queued"). SQLite cannot change a CHECK constraint in
+-- place, so the table is rebuilt; records written by version 1 keep
+-- everything (an in-flight one has no token: it was a crashed process's
+-- claim, taken over once its lease lapses).
+
+CREATE TABLE idempotency_v2 (
+    operation    TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    fingerprint  TEXT    NOT NULL,
+    state        TEXT    NOT NULL
+                 CHECK (state IN ('in_flight', 'completed', 'queued', 'parked')),
+    claim_token  TEXT,
+    lease_until  INTEGER,
+    status       INTEGER,
+    content_type TEXT,
+    body         BLOB,
+    dlq_id       INTEGER,
+    created_at   INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    PRIMARY KEY (operation, key)
+) WITHOUT ROWID;
+
+INSERT INTO idempotency_v2 (operation, key, fingerprint, state, claim_token, lease_until,
+                            status, content_type, body, dlq_id, created_at, expires_at)
+SELECT operation, key, fingerprint, state, NULL, lease_until,
+       status, content_type, body, dlq_id, created_at, expires_at
+FROM idempotency;
+
+DROP TABLE idempotency;
+ALTER TABLE idempotency_v2 RENAME TO idempotency;
+CREATE INDEX idempotency_by_expiry ON idempotency (expires_at);
