@@ -70,6 +70,7 @@ fn expected_hash(dir: &Path, files: &[(&str, &str)]) -> String {
                 text: (*text).to_owned(),
             })
             .collect(),
+        undecoded: Vec::new(),
     })
 }
 

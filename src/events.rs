@@ -64,6 +64,8 @@ pub enum Event {
         generation: String,
         /// Errors that refused it (empty when applied).
         errors: Vec<String>,
+        /// Warnings it was applied (or refused) with, `file:line:col: message`.
+        warnings: Vec<String>,
         /// When.
         at: UnixMillis,
     },

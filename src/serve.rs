@@ -139,12 +139,7 @@ impl Server {
             stopped.clone(),
         ));
         if config.watch {
-            match crate::watch::spawn(Arc::clone(&reloader), stopped.clone()) {
-                Ok(handle) => workers.push(handle),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the policies; reload with SIGHUP or the API")
-                }
-            }
+            workers.push(crate::watch::spawn(Arc::clone(&reloader), stopped.clone()));
         }
         let app = admin::router(state.clone());
         let drain = config.drain;
