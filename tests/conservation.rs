@@ -200,6 +200,8 @@ proptest! {
         keys in prop::collection::vec(0u8..12, 1..40),
         faults in prop::collection::vec(fault(), 0..60),
     ) {
+        // CPU-heavy: the timing-sensitive end-to-end tests wait for each case.
+        let _exclusive = crate::support::e2e::HEAVY.blocking_write();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
