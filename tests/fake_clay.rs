@@ -704,10 +704,10 @@ async fn an_unknown_scenario_is_refused_before_anything_starts() {
     assert!(e.to_string().contains("unknown scenario `meteor`"), "{e}");
 }
 
-/// The scenario at the pace of `claygate demo --scenario outage` (about a
-/// minute), printed: `cargo test --test tests demo_pace -- --ignored --nocapture`.
+/// The scenario at the pace of `claygate demo --scenario outage` (about 25
+/// seconds), printed: `cargo test --test tests demo_pace -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes about a minute; run by hand to watch the demo"]
+#[ignore = "takes about 25 seconds; run by hand to watch the demo (the quick pace runs in CI)"]
 async fn the_outage_scenario_at_demo_pace() {
     let summary = claygate::demo::run_until(
         DemoOptions {

@@ -149,9 +149,9 @@ pub struct PolicyStatus {
     /// The generation serving now.
     pub generation: GenerationView,
     /// Pending and parked dead letters of operations the serving
-    /// generation no longer defines, by operation: kept, never deleted, but
-    /// not redriven until the operation is back (absent when the store
-    /// cannot say).
+    /// generation no longer defines (or defines without `dlq`), by
+    /// operation: kept, never deleted, but not redriven until the operation
+    /// is back (absent when the store cannot say).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub orphaned_dead_letters: Option<BTreeMap<String, u64>>,
     /// The latest reload attempts (at most 50), newest first; the first

@@ -1,6 +1,7 @@
 //! `claygate demo`: a fake Clay on loopback with faults injected at run
 //! time ([`fake_clay`]), claygate serving the repository's policies in front
-//! of it, and optionally a narrated scenario ([`scenario`]).
+//! of it, and optionally a narrated scenario ([`scenario`]) on a copy of
+//! the policies paced for it ([`pace`]). `--fake-only` runs the fake alone.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), claygate::demo::DemoError> {

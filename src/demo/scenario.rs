@@ -2,7 +2,7 @@
 //!
 //! # `outage`
 //!
-//! A narrated walk of about a minute (a few seconds with [`Timings::quick`]),
+//! A narrated walk of about 25 seconds (under ten with [`Timings::quick`]),
 //! on a copy of the policies paced for it ([`super::pace`]: breakers try
 //! again after seconds, not 30s; the probe runs every second; an operation
 //! counts as degraded for seconds after a fallback answer), so that the
@@ -138,7 +138,7 @@ pub struct Timings {
 }
 
 impl Timings {
-    /// The pace of `claygate demo --scenario outage`: about a minute.
+    /// The pace of `claygate demo --scenario outage`: about 25 seconds.
     pub fn demo() -> Timings {
         Timings {
             tick: Duration::from_millis(600),
@@ -158,7 +158,7 @@ impl Timings {
         }
     }
 
-    /// The same walk in ten to twenty seconds, for tests (`claygate demo
+    /// The same walk in under ten seconds, for tests (`claygate demo
     /// --scenario outage --pace quick`).
     pub fn quick() -> Timings {
         Timings {

@@ -29,9 +29,10 @@ const ENV: [&str; 7] = [
     "RUST_LOG",
 ];
 
-/// Serialises the chaos test against the others: it takes this lock for
-/// writing, every other end-to-end test for reading, so timing-sensitive
-/// tests never share the two cores with a few thousand chaotic calls.
+/// Serialises CPU-heavy tests against timing-sensitive ones: the chaos
+/// test, the reload load test and each case of the fuzz and conservation
+/// proptests take it for writing, every other end-to-end test for reading,
+/// so a test that measures time never shares the two cores with them.
 pub static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A fake Clay on loopback with no faults and no rate limit.
