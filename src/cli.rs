@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
 
 use crate::compile::CompileOptions;
+use crate::demo::Faults;
 use crate::logging::{self, LogFormat};
 use crate::policy::diagnostic::{render_github, render_human, render_json};
 use crate::policy::{self, LoadOptions, UnsetEnv};
@@ -70,9 +71,11 @@ pub enum Command {
     /// Print the OpenAPI description of the admin API (JSON).
     Openapi,
     /// Start a fake Clay on loopback and serve the bundled policies against
-    /// it, with a temporary store; print what to try. `--scenario outage`
-    /// instead walks through an outage and its recovery, narrated, and ends
-    /// with a summary (exit 1 if anything was lost or delivered twice).
+    /// it, with a temporary store; print what to try (SIGHUP reloads the
+    /// policies, Ctrl-C stops). `--scenario outage` instead walks through an
+    /// outage and its recovery, narrated, and ends with a summary (exit 1 if
+    /// anything was lost or delivered twice). `--fake-only` runs the fake
+    /// Clay alone, for a `claygate serve` of your own.
     Demo(DemoArgs),
 }
 
@@ -98,10 +101,51 @@ pub struct DemoArgs {
     /// Seeds the scenario's traffic and the fake's random faults.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Faults the fake Clay starts with, as its control API takes them
+    /// (`PUT /_fake/faults`), e.g. '{"error_rate":0.3,"latency_ms":200}'.
+    /// Fields: outage (none, refuse, hang), error_rate, error_statuses,
+    /// recovery {step, every_ms}, latency_ms, jitter_ms, slow_rate, slow_ms,
+    /// storm_429, retry_after_s, rate_limit {enabled, per_second, burst},
+    /// seed (default --seed).
+    #[arg(long, value_name = "JSON", value_parser = parse_faults, conflicts_with = "scenario")]
+    pub faults: Option<FaultsArg>,
+    /// Run only the fake Clay (no claygate): print its URLs, serve until Ctrl-C.
+    #[arg(long, conflicts_with = "scenario")]
+    pub fake_only: bool,
+    /// The scenario's pace: `demo` (about a minute) or `quick` (seconds, for tests).
+    #[arg(long, value_enum, default_value_t = Pace::Demo, hide = true)]
+    pub pace: Pace,
     /// Log format (standard error). The level comes from RUST_LOG (default
     /// `info`, or `error` during a scenario so the narration stays readable).
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+}
+
+/// The pace of a demo scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pace {
+    /// About a minute, to watch.
+    Demo,
+    /// Seconds, for tests.
+    Quick,
+}
+
+/// `--faults`: checked faults, and whether they set their own seed.
+#[derive(Debug, Clone)]
+pub struct FaultsArg {
+    /// The faults.
+    pub faults: Faults,
+    /// True when the JSON gave `seed` (else `--seed` seeds them).
+    pub seeded: bool,
+}
+
+/// Parses `--faults`: JSON, then the fake's own checks, naming the field.
+fn parse_faults(text: &str) -> Result<FaultsArg, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let seeded = value.get("seed").is_some();
+    let faults = Faults::from_json(value).map_err(|e| e.to_string())?;
+    Ok(FaultsArg { faults, seeded })
 }
 
 /// Arguments of `claygate serve`.
@@ -317,14 +361,27 @@ fn demo(args: DemoArgs) -> u8 {
         Ok(setup) => setup,
         Err(code) => return code,
     };
+    let seed = args.seed;
     let options = crate::demo::DemoOptions {
         listen: args.listen,
         fake_listen: args.fake_listen,
         data: args.data,
         policies: args.policies,
         scenario: args.scenario,
-        seed: args.seed,
+        seed,
         token,
+        timings: match args.pace {
+            Pace::Demo => crate::demo::Timings::demo(),
+            Pace::Quick => crate::demo::Timings::quick(),
+        },
+        faults: args.faults.map(|f| {
+            if f.seeded {
+                f.faults
+            } else {
+                Faults { seed, ..f.faults }
+            }
+        }),
+        fake_only: args.fake_only,
         ..crate::demo::DemoOptions::default()
     };
     let result = runtime.block_on(crate::demo::run(options));

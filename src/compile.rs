@@ -14,7 +14,7 @@
 //! | breaker (window, state) | the operation's effective breaker is equal |
 //! | retry budget | window, buckets and budget percent are equal |
 //! | bulkhead | always (limits are updated in place; held permits stay honoured) |
-//! | rate limiter (tokens, quota gate) | the upstream's `rate_limit` is equal (an upstream without one gets an unlimited limiter, for its quota gate) |
+//! | rate limiter (tokens, quota gate) | the upstream's `rate_limit` is equal (an upstream without one gets an unlimited limiter, for its quota gate); a closed quota gate carries over to a new limiter too |
 //! | HTTP client (connection pool) | base URL, headers, connect timeout and body limit are equal |
 
 use std::collections::BTreeMap;
@@ -53,6 +53,9 @@ pub struct Compiled {
     pub carried: BTreeMap<String, CarriedOver>,
     // Bulkhead limits to apply on activation.
     pending: std::sync::Mutex<Vec<(Arc<Bulkhead>, BulkheadConfig)>>,
+    // The generation these pipelines are, once published by the reloader:
+    // swapped in with them, so the two are never seen apart.
+    generation: std::sync::OnceLock<Arc<crate::reload::Generation>>,
 }
 
 /// Which live state of an operation came from the previous generation.
@@ -318,6 +321,7 @@ pub fn compile_plan(
             upstreams,
             carried,
             pending: std::sync::Mutex::new(pending),
+            generation: std::sync::OnceLock::new(),
         })
     } else {
         Err(errors)
@@ -325,6 +329,17 @@ pub fn compile_plan(
 }
 
 impl Compiled {
+    /// Names these pipelines as `generation` (once; later calls are
+    /// ignored), before they are swapped in.
+    pub fn publish(&self, generation: Arc<crate::reload::Generation>) {
+        let _ = self.generation.set(generation);
+    }
+
+    /// The generation these pipelines were published as, if any.
+    pub fn generation(&self) -> Option<Arc<crate::reload::Generation>> {
+        self.generation.get().cloned()
+    }
+
     /// Applies what this generation changes in state it shares with the
     /// previous one (new bulkhead limits), once it is about to serve. A plan
     /// that is never activated (a dry run) changes nothing. Idempotent.
@@ -523,7 +538,18 @@ fn build_upstream(
             carry.rate_limiter = true;
             Arc::clone(existing)
         }
-        _ => Arc::new(RateLimiter::new(config)),
+        Some(existing) => {
+            // New limits, a fresh bucket; but a quota gate a 429 closed
+            // stays closed: Clay refuses those calls whatever our limits say.
+            let limiter = RateLimiter::new(config);
+            if let Some(ms) = existing.snapshot().gate_closed_for_ms {
+                limiter.close_until(
+                    tokio::time::Instant::now() + std::time::Duration::from_millis(ms),
+                );
+            }
+            Arc::new(limiter)
+        }
+        None => Arc::new(RateLimiter::new(config)),
     });
     Ok((
         UpstreamRuntime {
@@ -535,4 +561,73 @@ fn build_upstream(
         },
         carry,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::{LoadOptions, UnsetEnv, load_str};
+
+    fn set(per_second: u32) -> PolicySet {
+        let text = format!(
+            "version: 1
+upstreams:
+  clay:
+    base_url: \"http://127.0.0.1:9\"
+    rate_limit: {{ per_second: {per_second}, burst: 5 }}
+operations:
+  op:
+    upstream: clay
+    request: {{ method: GET, path: /x }}
+"
+        );
+        let loaded = load_str(
+            "p.yaml",
+            &text,
+            LoadOptions {
+                unset_env: UnsetEnv::Ignore,
+            },
+        );
+        loaded
+            .set
+            .unwrap_or_else(|| panic!("valid: {:#?}", loaded.diagnostics))
+    }
+
+    fn limiter(compiled: &Compiled) -> Arc<RateLimiter> {
+        compiled.upstreams["clay"]
+            .limiter
+            .clone()
+            .expect("every upstream has a limiter")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_quota_gate_outlives_a_new_rate_limit() {
+        let options = CompileOptions::default();
+        let first = compile_with(&set(10), None, &options).expect("compiles");
+        // A 429 with a 30s reset hint closed the gate.
+        limiter(&first).close_until(tokio::time::Instant::now() + Duration::from_secs(30));
+
+        let same = compile_with(&set(10), Some(&first), &options).expect("compiles");
+        assert!(Arc::ptr_eq(&limiter(&same), &limiter(&first)));
+
+        let next = compile_with(&set(20), Some(&same), &options).expect("compiles");
+        let new = limiter(&next);
+        assert!(
+            !Arc::ptr_eq(&new, &limiter(&first)),
+            "new limits, a new bucket"
+        );
+        assert_eq!(new.config().per_second, 20);
+        assert!(!next.carried["op"].rate_limiter);
+        assert_eq!(
+            new.snapshot().gate_closed_for_ms,
+            Some(30_000),
+            "the quota gate stays closed until Clay's reset"
+        );
+
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let later = compile_with(&set(30), Some(&next), &options).expect("compiles");
+        assert_eq!(limiter(&later).snapshot().gate_closed_for_ms, None);
+    }
 }

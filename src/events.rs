@@ -66,6 +66,8 @@ pub enum Event {
         generation: String,
         /// Errors that refused it (empty when applied).
         errors: Vec<String>,
+        /// Warnings it was applied (or refused) with, `file:line:col: message`.
+        warnings: Vec<String>,
         /// When.
         at: UnixMillis,
     },
@@ -140,6 +142,7 @@ mod tests {
             applied: true,
             generation: format!("g{n}"),
             errors: Vec::new(),
+            warnings: Vec::new(),
             at: 0,
         }
     }

@@ -19,8 +19,13 @@
 //! | status | when |
 //! | --- | --- |
 //! | `unhealthy` | its upstream's latest probe failed; or its breaker is open (or forced open) and it has neither a fallback nor a DLQ |
-//! | `degraded` | its breaker is open or half-open but a fallback or the DLQ serves; its DLQ holds more than `health.dlq_degraded_above` pending and parked entries; or it answered from its fallback in the last minute |
+//! | `degraded` | its breaker is open or half-open but a fallback or the DLQ serves; its DLQ holds more than `health.dlq_degraded_above` pending and parked entries; or it answered from its fallback within `health.fallback_window` (default a minute) |
 //! | `healthy` | otherwise |
+//!
+//! Dead letters of an operation that a reload removed are kept (never
+//! deleted) but nothing redrives them: each such operation gets a
+//! `degraded` check `orphaned:<name>` until the operation is back or its
+//! entries are deleted, so accepted work is never silently stuck.
 //!
 //! A DLQ counts as graceful degradation: calls of a write operation are
 //! accepted and delivered later. A `metrics_only` breaker never rejects, so
@@ -58,8 +63,9 @@ pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// DLQ size (pending plus parked) above which an operation is degraded,
 /// when `health.dlq_degraded_above` is not set.
 pub const DEFAULT_DLQ_DEGRADED_ABOVE: u32 = 100;
-/// How long a fallback answer keeps its operation degraded.
-pub const FALLBACK_WINDOW: Duration = Duration::from_secs(60);
+/// How long a fallback answer keeps its operation degraded, when
+/// `health.fallback_window` is not set.
+pub const DEFAULT_FALLBACK_WINDOW: Duration = Duration::from_secs(60);
 /// Longest the probe runner goes without looking for a new generation.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// Longest a health answer waits for the store.
@@ -492,7 +498,9 @@ pub struct HealthReport {
     /// When the report was made (RFC 3339).
     pub time: String,
     /// Checks keyed `operation:<name>`, `upstream:<name>` (upstreams with a
-    /// probe) and, when it fails, `store:dlq`; each an array of one object.
+    /// probe), `orphaned:<name>` (dead letters of an operation the policies
+    /// no longer define) and, when it fails, `store:dlq`; each an array of
+    /// one object.
     pub checks: BTreeMap<String, Vec<Check>>,
 }
 
@@ -539,7 +547,7 @@ impl HealthReport {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Check {
-    /// `operation`, `upstream`, `datastore`, `policies` or `server`.
+    /// `operation`, `upstream`, `dlq`, `datastore`, `policies` or `server`.
     pub component_type: String,
     /// This check's verdict.
     pub status: Status,
@@ -616,8 +624,11 @@ pub async fn report(runtime: &Runtime, probes: &Probes) -> HealthReport {
     let now = runtime.clock.now();
     let mut checks = BTreeMap::new();
 
+    // Counted even without a DLQ operation: a reload may have removed the
+    // operations whose dead letters are still stored.
+    let counts = dlq_counts(runtime).await;
     let dlq = if compiled.operations.values().any(|p| p.dlq.is_some()) {
-        let sizes = dlq_sizes(runtime).await;
+        let sizes = counts.as_deref().map(dlq_sizes).map_err(Clone::clone);
         if let Err(why) = &sizes {
             checks.insert(
                 "store:dlq".to_owned(),
@@ -633,6 +644,25 @@ pub async fn report(runtime: &Runtime, probes: &Probes) -> HealthReport {
     } else {
         None
     };
+    if let Ok(counts) = &counts {
+        for (operation, n) in crate::reload::orphaned_dead_letters(counts, &compiled) {
+            let mut check = Check::new(
+                "dlq",
+                Status::Degraded,
+                vec![format!(
+                    "{n} dead letter(s) (pending or parked) of operation `{operation}`, which the serving policies {}: kept, but nothing redrives them; restore it, or inspect and delete them (GET /v1/dlq?operation={operation})",
+                    if compiled.operations.contains_key(&operation) {
+                        "define without a `dlq`"
+                    } else {
+                        "no longer define"
+                    }
+                )],
+                now,
+            );
+            check.dlq_entries = Some(n);
+            checks.insert(format!("orphaned:{operation}"), vec![check]);
+        }
+    }
 
     // Upstreams with a probe; the failing ones, with what they said.
     let mut failing: BTreeMap<&str, String> = BTreeMap::new();
@@ -692,6 +722,7 @@ pub async fn report(runtime: &Runtime, probes: &Probes) -> HealthReport {
             .dlq_degraded_above
             .unwrap_or(DEFAULT_DLQ_DEGRADED_ABOVE),
     );
+    let window = fallback_window(&compiled.set);
     for (name, pipeline) in &compiled.operations {
         let dlq_size = match (&pipeline.dlq, &dlq) {
             (Some(_), Some(Ok(sizes))) => Some(Ok(sizes.get(name).copied().unwrap_or(0))),
@@ -706,6 +737,7 @@ pub async fn report(runtime: &Runtime, probes: &Probes) -> HealthReport {
                 .map(String::as_str),
             dlq_size,
             threshold,
+            window,
             now,
         );
         checks.insert(format!("operation:{name}"), vec![check]);
@@ -713,16 +745,22 @@ pub async fn report(runtime: &Runtime, probes: &Probes) -> HealthReport {
     HealthReport::new(checks, now)
 }
 
+/// How long a fallback answer keeps its operation degraded under `set`.
+pub fn fallback_window(set: &crate::policy::PolicySet) -> Duration {
+    set.health
+        .fallback_window
+        .map_or(DEFAULT_FALLBACK_WINDOW, |d| d.to_std())
+}
+
 /// Pending plus parked dead letters per operation.
-async fn dlq_sizes(runtime: &Runtime) -> Result<HashMap<String, u64>, String> {
-    let counts = dlq_counts(runtime).await?;
+fn dlq_sizes(counts: &[DlqCount]) -> HashMap<String, u64> {
     let mut sizes = HashMap::new();
     for c in counts {
         if matches!(c.state, DlqState::Pending | DlqState::Parked) {
-            *sizes.entry(c.operation).or_insert(0) += c.count;
+            *sizes.entry(c.operation.clone()).or_insert(0) += c.count;
         }
     }
-    Ok(sizes)
+    sizes
 }
 
 async fn dlq_counts(runtime: &Runtime) -> Result<Vec<DlqCount>, String> {
@@ -743,6 +781,7 @@ fn operation_check(
     probe_failure: Option<&str>,
     dlq_size: Option<Result<u64, ()>>,
     dlq_threshold: u64,
+    fallback_window: Duration,
     now: UnixMillis,
 ) -> Check {
     let mut status = Status::Healthy;
@@ -840,7 +879,7 @@ fn operation_check(
     let last_fallback = runtime.last_fallback(&pipeline.name);
     if let Some((at, staleness)) = last_fallback {
         let ago = Duration::from_millis(u64::try_from(now.saturating_sub(at)).unwrap_or(0));
-        if ago <= FALLBACK_WINDOW {
+        if ago <= fallback_window {
             worsen(
                 Status::Degraded,
                 format!(
@@ -878,16 +917,14 @@ static SCRAPE: Mutex<()> = Mutex::new(());
 /// answer, the DLQ gauges keep their last values.
 pub async fn encode_metrics(runtime: &Runtime, probes: &Probes) -> String {
     let compiled = runtime.compiled();
-    let counts = if compiled.operations.values().any(|p| p.dlq.is_some()) {
-        match dlq_counts(runtime).await {
-            Ok(counts) => Some(counts),
-            Err(why) => {
-                tracing::warn!(error = %why, "DLQ gauges not refreshed");
-                None
-            }
+    // Counted even without a DLQ operation: dead letters of operations a
+    // reload removed keep their gauges.
+    let counts = match dlq_counts(runtime).await {
+        Ok(counts) => Some(counts),
+        Err(why) => {
+            tracing::warn!(error = %why, "DLQ gauges not refreshed");
+            None
         }
-    } else {
-        Some(Vec::new())
     };
     let _one_at_a_time = SCRAPE.lock().unwrap_or_else(PoisonError::into_inner);
     refresh_gauges(&runtime.metrics, &compiled, probes, counts.as_deref());
@@ -944,20 +981,27 @@ pub fn refresh_gauges(
         for c in counts {
             *by.entry((c.operation.as_str(), c.state)).or_insert(0) += c.count;
         }
-        for (name, pipeline) in &compiled.operations {
-            if pipeline.dlq.is_none()
-                && !DLQ_STATES
+        // Every operation with a DLQ, and every operation with entries,
+        // defined or not (a reload may have removed it: its entries stay).
+        let names: std::collections::BTreeSet<&str> = compiled
+            .operations
+            .iter()
+            .filter(|(_, p)| p.dlq.is_some())
+            .map(|(name, _)| name.as_str())
+            .chain(
+                counts
                     .iter()
-                    .any(|s| by.contains_key(&(name.as_str(), *s)))
-            {
-                continue;
-            }
+                    .filter(|c| c.count > 0)
+                    .map(|c| c.operation.as_str()),
+            )
+            .collect();
+        for name in names {
             for state in DLQ_STATES {
-                let n = by.get(&(name.as_str(), state)).copied().unwrap_or(0);
+                let n = by.get(&(name, state)).copied().unwrap_or(0);
                 metrics
                     .dlq_entries
                     .get_or_create(&StateLabels {
-                        operation: name.clone(),
+                        operation: name.to_owned(),
                         state: state.as_str().to_owned(),
                     })
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -1395,6 +1439,59 @@ operations:
         assert_eq!(
             cached.last_fallback.as_ref().map(|f| f.staleness.as_str()),
             Some("static")
+        );
+    }
+
+    /// Runs `work` with the paused clock's auto-advance held off, so a
+    /// store answering on another thread does not move the clock.
+    async fn held<F: Future>(work: F) -> F::Output {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::task::spawn_blocking(move || {
+            let _ = wait.recv();
+        });
+        let out = work.await;
+        drop(done);
+        let _ = blocker.await;
+        out
+    }
+
+    #[tokio::test]
+    async fn the_fallback_window_is_policy() {
+        let text = format!(
+            "{UPSTREAM}health: {{ fallback_window: 3s }}
+operations:
+  cached:
+    upstream: other
+    request: {{ method: GET, path: /v1/cached }}
+    retry: {{ max_attempts: 1 }}
+    fallback: {{ static: {{ known: false }} }}
+"
+        );
+        let rig = rig(&text).await;
+        assert_eq!(
+            fallback_window(&rig.runtime.compiled().set),
+            Duration::from_secs(3)
+        );
+        let probes = Probes::default();
+        rig.fake.status.store(503, Ordering::SeqCst);
+        let invoked = rig.runtime.invoke("cached", Default::default()).await;
+        assert_eq!(invoked.answer.status(), "fallback");
+        // From here the clock moves only when the test says.
+        tokio::time::pause();
+        let r = held(report(&rig.runtime, &probes)).await;
+        assert_eq!(op(&r, "cached").status, Status::Degraded, "{r:#?}");
+        tokio::time::advance(Duration::from_millis(3100)).await;
+        let r = held(report(&rig.runtime, &probes)).await;
+        let cached = op(&r, "cached");
+        assert_eq!(
+            cached.status,
+            Status::Healthy,
+            "3s after its fallback answer, with a 3s window: {cached:#?}"
+        );
+        assert_eq!(
+            cached.last_fallback.as_ref().map(|f| f.staleness.as_str()),
+            Some("static"),
+            "the last fallback is still shown"
         );
     }
 

@@ -28,7 +28,7 @@ use crate::pipeline::idempotency::hex;
 use crate::policy::diagnostic::{Diagnostic, Severity};
 use crate::policy::{self, LoadOptions, Loaded, SourceFile, Sources, UnsetEnv};
 use crate::runtime::Runtime;
-use crate::store::DlqState;
+use crate::store::{DlqCount, DlqState};
 
 /// Reload attempts kept in the history.
 pub const HISTORY: usize = 50;
@@ -56,6 +56,8 @@ pub enum Trigger {
     Startup,
     /// The file watcher saw a change.
     Watch,
+    /// The periodic rescan (or a watch set up again) reread the files.
+    Rescan,
     /// `SIGHUP`.
     Signal,
     /// `POST /v1/policies/reload`.
@@ -106,7 +108,8 @@ pub struct ReloadRecord {
     pub warnings: Vec<Problem>,
     /// Per operation: what changed (empty when refused or unchanged).
     pub changes: BTreeMap<String, Change>,
-    /// Dead letters kept for operations that no longer exist.
+    /// Dead letters (pending or parked) kept for operations that no longer
+    /// exist (or lost their `dlq`): nothing redrives them.
     pub orphaned_dead_letters: BTreeMap<String, u64>,
 }
 
@@ -165,28 +168,45 @@ impl std::fmt::Display for Refusal {
                 f.write_str("; ")?;
             }
             first = false;
-            match e {
-                Problem::Diagnostic(d) => match &d.span {
-                    Some(s) => write!(f, "{}:{}:{}: {}", d.file, s.line, s.column, d.message)?,
-                    None => write!(f, "{}: {}", d.file, d.message)?,
-                },
-                Problem::Compile { message } | Problem::Io { message } => f.write_str(message)?,
-            }
+            f.write_str(&problem_text(e))?;
         }
         Ok(())
     }
 }
 
-/// sha256 over sorted files: path, length, bytes.
+/// One problem as one line: `file:line:col: message` where it has a place.
+pub fn problem_text(problem: &Problem) -> String {
+    match problem {
+        Problem::Diagnostic(d) => match &d.span {
+            Some(s) => format!("{}:{}:{}: {}", d.file, s.line, s.column, d.message),
+            None => format!("{}: {}", d.file, d.message),
+        },
+        Problem::Compile { message } | Problem::Io { message } => message.clone(),
+    }
+}
+
+/// sha256 over every file found, sorted by path: path, length, bytes. Files
+/// that are not UTF-8 count with their raw bytes, so a broken file names
+/// another generation than the same set without it.
 pub fn generation_hash(sources: &Sources) -> String {
-    let mut files: Vec<&SourceFile> = sources.files.iter().collect();
-    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut files: Vec<(&str, &[u8])> = sources
+        .files
+        .iter()
+        .map(|f| (f.name.as_str(), f.text.as_bytes()))
+        .chain(
+            sources
+                .undecoded
+                .iter()
+                .map(|f| (f.name.as_str(), f.bytes.as_slice())),
+        )
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(b.0));
     let mut hasher = Sha256::new();
-    for f in files {
-        hasher.update(f.name.as_bytes());
+    for (name, bytes) in files {
+        hasher.update(name.as_bytes());
         hasher.update([0]);
-        hasher.update((f.text.len() as u64).to_le_bytes());
-        hasher.update(f.text.as_bytes());
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
     }
     hex(&hasher.finalize())
 }
@@ -363,7 +383,9 @@ pub struct Reloader {
     runtime: Arc<Runtime>,
     paths: Vec<PathBuf>,
     options: Arc<CompileOptions>,
-    current: ArcSwap<Generation>,
+    /// The generation last applied; [`Reloader::current`] reads the one
+    /// published with the serving pipelines and falls back to this.
+    last: ArcSwap<Generation>,
     history: Mutex<VecDeque<ReloadRecord>>,
     refused: Mutex<Option<KnownRefusal>>,
     running: tokio::sync::Mutex<()>,
@@ -381,6 +403,8 @@ impl Reloader {
             .metrics
             .generation_loaded
             .set(generation.loaded_at as f64 / 1000.0);
+        let generation = Arc::new(generation);
+        runtime.compiled().publish(Arc::clone(&generation));
         let record = ReloadRecord {
             at: generation.loaded_at,
             trigger: Trigger::Startup,
@@ -402,7 +426,7 @@ impl Reloader {
             runtime,
             paths,
             options: Arc::new(options),
-            current: ArcSwap::from_pointee(generation),
+            last: ArcSwap::new(generation),
             history: Mutex::new(VecDeque::from([record])),
             refused: Mutex::new(None),
             running: tokio::sync::Mutex::new(()),
@@ -414,9 +438,13 @@ impl Reloader {
         &self.paths
     }
 
-    /// The generation serving now.
+    /// The generation serving now: the one published with the pipelines
+    /// that serve, so it never names another generation than they are.
     pub fn current(&self) -> Arc<Generation> {
-        self.current.load_full()
+        self.runtime
+            .compiled()
+            .generation()
+            .unwrap_or_else(|| self.last.load_full())
     }
 
     /// The latest attempts, newest first.
@@ -522,7 +550,7 @@ impl Reloader {
                 return record;
             }
         }
-        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let metrics = &self.runtime.metrics;
         let mut refusal_seen = None;
         let record = match prepared {
@@ -533,7 +561,7 @@ impl Reloader {
                 result: ReloadResult::Unchanged,
                 generation: current.hash.clone(),
                 candidate: current.hash.clone(),
-                duration_ms,
+                duration_ms: elapsed_ms(),
                 errors: Vec::new(),
                 warnings: Vec::new(),
                 changes: BTreeMap::new(),
@@ -547,27 +575,40 @@ impl Reloader {
                 let changes = changes(&previous, &compiled);
                 let orphaned = self.orphaned(&compiled).await;
                 compiled.activate();
-                self.runtime.swap(compiled);
+                // Measured up to the swap, which is one pointer store: the
+                // generation and its pipelines are published together.
+                let duration_ms = elapsed_ms();
                 generation.duration_ms = duration_ms;
                 generation.loaded_at = self.runtime.clock.now();
-                let warnings = generation
+                let generation = Arc::new(generation);
+                compiled.publish(Arc::clone(&generation));
+                self.last.store(Arc::clone(&generation));
+                self.runtime.swap(compiled);
+                metrics
+                    .generation_loaded
+                    .set(generation.loaded_at as f64 / 1000.0);
+                let warnings: Vec<Problem> = generation
                     .warnings
                     .iter()
                     .cloned()
                     .map(Problem::Diagnostic)
                     .collect();
-                let hash = generation.hash.clone();
-                metrics
-                    .generation_loaded
-                    .set(generation.loaded_at as f64 / 1000.0);
-                self.current.store(Arc::new(generation));
-                tracing::info!(generation = %short(&hash), ?trigger, duration_ms, "policies reloaded");
+                for w in &warnings {
+                    tracing::warn!(generation = %short(&generation.hash), ?trigger, warning = %problem_text(w), "policy warning (applied anyway)");
+                }
+                tracing::info!(
+                    generation = %short(&generation.hash),
+                    ?trigger,
+                    duration_ms,
+                    warnings = warnings.len(),
+                    "policies reloaded"
+                );
                 ReloadRecord {
                     at,
                     trigger,
                     result: ReloadResult::Applied,
-                    generation: hash.clone(),
-                    candidate: hash,
+                    generation: generation.hash.clone(),
+                    candidate: generation.hash.clone(),
                     duration_ms,
                     errors: Vec::new(),
                     warnings,
@@ -589,7 +630,7 @@ impl Reloader {
                     result: ReloadResult::Refused,
                     generation: current.hash.clone(),
                     candidate: refusal.candidate,
-                    duration_ms,
+                    duration_ms: elapsed_ms(),
                     errors: refusal.errors,
                     warnings: refusal.warnings,
                     changes: BTreeMap::new(),
@@ -612,7 +653,7 @@ impl Reloader {
                 .inc();
             metrics
                 .reload_seconds
-                .observe(Duration::from_millis(duration_ms).as_secs_f64());
+                .observe(Duration::from_millis(record.duration_ms).as_secs_f64());
             let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
             history.push_back(record.clone());
             while history.len() > HISTORY {
@@ -622,18 +663,8 @@ impl Reloader {
             self.runtime.events.emit(Event::Reload {
                 applied: record.result == ReloadResult::Applied,
                 generation: record.generation.clone(),
-                errors: record
-                    .errors
-                    .iter()
-                    .map(|e| {
-                        Refusal {
-                            candidate: String::new(),
-                            errors: vec![e.clone()],
-                            warnings: Vec::new(),
-                        }
-                        .to_string()
-                    })
-                    .collect(),
+                errors: record.errors.iter().map(problem_text).collect(),
+                warnings: record.warnings.iter().map(problem_text).collect(),
                 at,
             });
         }
@@ -666,8 +697,23 @@ impl Reloader {
     /// Validates the serving files with `posted` files added or replacing
     /// those of the same name, without applying anything.
     pub fn validate_with(&self, posted: Vec<SourceFile>) -> Result<Loaded, policy::ReadError> {
-        let (mut sources, diags) = policy::read_sources(&self.paths)?;
+        let (mut sources, mut diags) = policy::read_sources(&self.paths)?;
         for file in posted {
+            // A posted file replaces a serving one that is not UTF-8, and its
+            // "not UTF-8" diagnostic with it.
+            if let Some(i) = sources
+                .undecoded
+                .iter()
+                .position(|f| same_file(&f.name, &file.name))
+            {
+                let gone = sources.undecoded.remove(i);
+                diags.retain(|d| d.file != gone.name);
+                sources.files.push(SourceFile {
+                    name: gone.name,
+                    text: file.text,
+                });
+                continue;
+            }
             match sources
                 .files
                 .iter_mut()
@@ -691,22 +737,34 @@ impl Reloader {
         ))
     }
 
-    /// Dead letters (pending or parked) of operations `next` no longer has.
+    /// Dead letters (pending or parked) that `next` would leave orphaned.
     async fn orphaned(&self, next: &Compiled) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
         let Ok(counts) = self.runtime.store.dlq_counts().await else {
-            return out;
+            return BTreeMap::new();
         };
-        for c in counts {
-            if c.state != DlqState::Delivered && !next.operations.contains_key(&c.operation) {
-                *out.entry(c.operation).or_insert(0) += c.count;
-            }
-        }
+        let out = orphaned_dead_letters(&counts, next);
         if !out.is_empty() {
-            tracing::warn!(operations = ?out.keys().collect::<Vec<_>>(), "dead letters kept for operations that no longer exist");
+            tracing::warn!(operations = ?out, "dead letters kept for operations that no longer exist: they cannot be redriven until the operation is back; inspect or delete them with /v1/dlq");
         }
         out
     }
+}
+
+/// Pending and parked dead letters of operations `compiled` does not define
+/// (or defines without `dlq`), by operation: kept, never deleted, but the
+/// redrive worker leaves them alone until the operation is back.
+pub fn orphaned_dead_letters(counts: &[DlqCount], compiled: &Compiled) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for c in counts {
+        let served = compiled
+            .operations
+            .get(&c.operation)
+            .is_some_and(|p| p.dlq.is_some());
+        if c.state != DlqState::Delivered && c.count > 0 && !served {
+            *out.entry(c.operation.clone()).or_insert(0) += c.count;
+        }
+    }
+    out
 }
 
 /// A posted `enrichment.yaml` replaces `policies/enrichment.yaml`.

@@ -174,15 +174,8 @@ impl Server {
             stopped.clone(),
         ));
         if config.watch {
-            match crate::watch::spawn(Arc::clone(&reloader), stopped.clone()) {
-                Ok(handle) => {
-                    state.shared.watching.store(true, Ordering::Release);
-                    workers.push(handle);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the policies; reload with SIGHUP or the API")
-                }
-            }
+            workers.push(crate::watch::spawn(Arc::clone(&reloader), stopped.clone()));
+            state.shared.watching.store(true, Ordering::Release);
         }
         let app = admin::router(state.clone());
         let drain = config.drain;

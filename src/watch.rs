@@ -1,21 +1,25 @@
 //! Watches the policy directory and reloads on change.
 //!
-//! A debounced `notify` watcher on each policy directory (non-recursive)
-//! turns a burst of file events into one reload request; the reload itself
-//! rereads the directory and compares the generation hash, so the watcher
-//! never needs to know which file an event named. That is what makes it
-//! robust to editors that save through a temporary file and a rename (vim,
-//! VS Code, `sed -i`) and to Kubernetes ConfigMap updates, whose `..data`
-//! symlink swap never names the policy file in any event.
+//! A `notify` watcher on each policy directory (non-recursive, through
+//! notify-debouncer-full, which gathers each editor's events) asks for a
+//! reload; the reload itself rereads the directory and compares the
+//! generation hash, so the watcher never needs to know which file an event
+//! named. That is what makes it robust to editors that save through a
+//! temporary file and a rename (vim, VS Code, `sed -i`) and to Kubernetes
+//! ConfigMap updates, whose `..data` symlink swap never names the policy
+//! file in any event. A reload starts once the directory has been quiet for
+//! [`DEBOUNCE`]: writes less than that apart make one reload.
 //!
 //! Access events are ignored (reading the files for the reload raises
-//! them, and would loop). A slow periodic rescan covers filesystems
-//! without events. A watch belongs to the directory it was set on, not to
-//! its path: when a watched directory is removed or renamed away (its own
-//! `Remove` or rename event, or a new device and inode at its path), the
-//! watcher is set up again as soon as a directory is back at the path
-//! (looked for every [`MISSING_POLL`] while it is missing), and the files
-//! are reread.
+//! them, and would loop). A periodic rescan every [`RESCAN`] rereads the
+//! files whatever the watcher says: it covers filesystems without events,
+//! and a watcher that cannot be created (inotify instance or watch limits,
+//! common in containers), which is tried again at each rescan. A watch
+//! belongs to the directory it was set on, not to its path: when a watched
+//! directory is removed or renamed away (its own `Remove` or rename event,
+//! or a new device and inode at its path), the watcher is set up again as
+//! soon as a directory is back at the path (looked for every
+//! [`MISSING_POLL`] while it is missing), and the files are reread.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,13 +34,21 @@ use tokio::task::JoinHandle;
 
 use crate::reload::{Reloader, Trigger};
 
+/// How long notify-debouncer-full holds an event to pair renames and drop
+/// repeats before passing it on.
+pub const NOTIFY_BATCH: Duration = Duration::from_millis(20);
+
 /// Quiet time after the last event before a reload starts: long enough to
-/// gather an editor's write-rename-chmod burst, short enough to keep the
+/// gather a burst of writes (an editor's write-rename-chmod, a tool writing
+/// several files) into one reload, short enough to keep the
 /// file-written-to-serving latency well under 250 ms.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
-/// Period of the fallback rescan.
+/// Period of the rescan that rereads the files whatever the watcher says.
 pub const RESCAN: Duration = Duration::from_secs(2);
+
+/// How long a rescan waits for a watcher event already on its way.
+const RESCAN_GRACE: Duration = Duration::from_millis(100);
 
 /// How often a policy directory that disappeared is looked for.
 pub const MISSING_POLL: Duration = Duration::from_millis(100);
@@ -44,7 +56,7 @@ pub const MISSING_POLL: Duration = Duration::from_millis(100);
 type Watcher = Debouncer<notify_debouncer_full::notify::RecommendedWatcher, RecommendedCache>;
 
 /// A live watch of the policy directories.
-struct Watching {
+pub(crate) struct Watching {
     _debouncer: Watcher,
     /// Which directories were watched (device and inode, where known).
     ids: Vec<Option<DirId>>,
@@ -76,60 +88,127 @@ fn dir_id(_dir: &Path) -> Option<DirId> {
     None
 }
 
-/// Starts watching `reloader`'s paths until `stop`. Fails when no watcher
-/// can be created (the caller may still reload by signal or API).
+/// Starts watching `reloader`'s paths until `stop`. When no file watcher
+/// can be created, the periodic rescan still rereads the files (and tries
+/// to set the watcher up again each time); signals and the API reload too.
 ///
 /// A watch lasts as long as the directory it was set on: when a policy
 /// directory is removed (or renamed away) and a new one appears at its
 /// path, the watcher is set up again on the new one and the files reread.
-pub fn spawn(
+pub fn spawn(reloader: Arc<Reloader>, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    spawn_with(reloader, stop, make_watcher)
+}
+
+/// [`spawn`] with another way to make the watcher (tests make it fail).
+fn spawn_with<F>(reloader: Arc<Reloader>, stop: watch::Receiver<bool>, make: F) -> JoinHandle<()>
+where
+    F: Fn(&[PathBuf], mpsc::Sender<()>) -> Result<Watching, String> + Send + 'static,
+{
+    let dirs = watched_dirs(reloader.paths());
+    let (tx, rx) = mpsc::channel::<()>(1);
+    // Watching before this returns: a change made right after is seen.
+    let watching = match make(&dirs, tx.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, rescan = ?RESCAN, "cannot watch the policy directory; rereading it periodically instead (SIGHUP and POST /v1/policies/reload still reload at once)");
+            None
+        }
+    };
+    tokio::spawn(run(reloader, stop, make, dirs, (tx, rx), watching))
+}
+
+async fn run<F>(
     reloader: Arc<Reloader>,
     mut stop: watch::Receiver<bool>,
-) -> Result<JoinHandle<()>, String> {
-    let dirs = watched_dirs(reloader.paths());
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let mut watching = Some(make_watcher(&dirs, tx.clone())?);
-    Ok(tokio::spawn(async move {
-        let mut rescan = tokio::time::interval(RESCAN);
-        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        rescan.tick().await;
-        let mut missing = false;
-        loop {
-            tokio::select! {
-                () = stopped(&mut stop) => break,
-                Some(()) = rx.recv() => {}
-                _ = rescan.tick() => {}
-                () = tokio::time::sleep(MISSING_POLL), if missing => {}
-            }
-            if !dirs.iter().all(|d| d.is_dir()) {
-                if watching.take().is_some() {
-                    tracing::warn!(dirs = ?dirs, "a policy directory disappeared; still serving the last generation, waiting for it to come back");
+    make: F,
+    dirs: Vec<PathBuf>,
+    (tx, mut rx): (mpsc::Sender<()>, mpsc::Receiver<()>),
+    mut watching: Option<Watching>,
+) where
+    F: Fn(&[PathBuf], mpsc::Sender<()>) -> Result<Watching, String> + Send + 'static,
+{
+    // Whether "cannot watch" was said (said once, then quietly retried).
+    let mut unwatched = watching.is_none();
+    let mut rescan = tokio::time::interval(RESCAN);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rescan.tick().await;
+    let mut missing = false;
+    loop {
+        let trigger = tokio::select! {
+            () = stopped(&mut stop) => break,
+            Some(()) = rx.recv() => {
+                if !quiet(&mut rx, &mut stop).await {
+                    break;
                 }
-                missing = true;
-                continue;
+                Trigger::Watch
             }
-            if watching.as_ref().is_some_and(|w| w.stale(&dirs)) {
-                tracing::info!(dirs = ?dirs, "a policy directory was replaced; watching the new one");
-                watching = None;
-            }
-            if watching.is_none() {
-                // Watch first, then reread: a change made in between is
-                // either in the files read or raises an event.
-                match make_watcher(&dirs, tx.clone()) {
-                    Ok(w) => {
-                        if missing {
-                            tracing::info!(dirs = ?dirs, "policy directory is back; watching again");
+            _ = rescan.tick() => {
+                // A write made just before the tick raises its event within
+                // a moment: give it that, so a change the watcher sees is
+                // the watcher's (and a rescan that applies something means
+                // the watcher missed it).
+                if watching.is_some() {
+                    match tokio::time::timeout(RESCAN_GRACE, rx.recv()).await {
+                        Ok(Some(())) => {
+                            if !quiet(&mut rx, &mut stop).await {
+                                break;
+                            }
+                            Trigger::Watch
                         }
-                        watching = Some(w);
+                        _ => Trigger::Rescan,
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot watch the policy directory yet"),
+                } else {
+                    Trigger::Rescan
                 }
             }
-            missing = false;
-            reloader.reload(Trigger::Watch, false).await;
+            () = tokio::time::sleep(MISSING_POLL), if missing => Trigger::Rescan,
+        };
+        if !dirs.iter().all(|d| d.is_dir()) {
+            if watching.take().is_some() || !missing {
+                tracing::warn!(dirs = ?dirs, "a policy directory disappeared; still serving the last generation, waiting for it to come back");
+            }
+            missing = true;
+            continue;
         }
-        drop(watching);
-    }))
+        if watching.as_ref().is_some_and(|w| w.stale(&dirs)) {
+            tracing::info!(dirs = ?dirs, "a policy directory was replaced; watching the new one");
+            watching = None;
+        }
+        if watching.is_none() {
+            // Watch first, then reread: a change made in between is
+            // either in the files read or raises an event.
+            match make(&dirs, tx.clone()) {
+                Ok(w) => {
+                    if missing || unwatched {
+                        tracing::info!(dirs = ?dirs, "watching the policy directory again");
+                    }
+                    unwatched = false;
+                    watching = Some(w);
+                }
+                Err(e) if unwatched => {
+                    tracing::debug!(error = %e, "still cannot watch the policy directory");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the policy directory yet; rereading it periodically");
+                    unwatched = true;
+                }
+            }
+        }
+        missing = false;
+        reloader.reload(trigger, false).await;
+    }
+    drop(watching);
+}
+
+/// Waits until no event has come for [`DEBOUNCE`]; false when stopped first.
+async fn quiet(rx: &mut mpsc::Receiver<()>, stop: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        tokio::select! {
+            () = stopped(stop) => return false,
+            Some(()) = rx.recv() => {}
+            () = tokio::time::sleep(DEBOUNCE) => return true,
+        }
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -169,7 +248,7 @@ fn make_watcher(dirs: &[PathBuf], tx: mpsc::Sender<()>) -> Result<Watching, Stri
         })
         .collect();
     let flag = Arc::clone(&lost);
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
+    let mut debouncer = new_debouncer(NOTIFY_BATCH, None, move |result: DebounceEventResult| {
         let relevant = match &result {
             Ok(events) => {
                 let gone = events.iter().any(|e| {
@@ -208,7 +287,136 @@ fn make_watcher(dirs: &[PathBuf], tx: mpsc::Sender<()>) -> Result<Watching, Stri
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+    use crate::clock::Clock;
+    use crate::compile::CompileOptions;
+    use crate::reload::ReloadResult;
+    use crate::runtime::Runtime;
+    use crate::store::Store;
+    use crate::store::sqlite::SqliteStore;
+
+    fn ops(volume: u32) -> String {
+        format!(
+            "version: 1
+upstreams:
+  clay:
+    base_url: \"http://127.0.0.1:9\"
+timeouts: {{ connect: 1s, request: 2s }}
+operations:
+  lookup:
+    upstream: clay
+    request: {{ method: GET, path: /v1/lookup }}
+    breaker: {{ volume_threshold: {volume} }}
+"
+        )
+    }
+
+    /// Runs `work` with the paused clock's auto-advance held off (a
+    /// blocking task in flight holds it), for work on other threads.
+    async fn held<F: Future>(work: F) -> F::Output {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let blocker = tokio::task::spawn_blocking(move || {
+            let _ = wait.recv();
+        });
+        let out = work.await;
+        drop(done);
+        let _ = blocker.await;
+        out
+    }
+
+    /// Lets the other tasks (and threads) run until `done`, for at most
+    /// `within` of real time: a bounded poll that never moves the clock.
+    async fn spin(within: Duration, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + within;
+        while !done() && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_watcher_the_periodic_rescan_applies_an_edit() {
+        let policies = tempfile::tempdir().expect("dir");
+        let data = tempfile::tempdir().expect("dir");
+        let file = policies.path().join("ops.yaml");
+        std::fs::write(&file, ops(10)).expect("write");
+        let paths = vec![policies.path().to_path_buf()];
+        let store = held(SqliteStore::open(data.path()))
+            .await
+            .expect("the store opens");
+        let clock = Clock::new();
+        let prepared =
+            crate::reload::prepare(&paths, None, &CompileOptions::default(), clock.now())
+                .unwrap_or_else(|e| panic!("valid: {e}"));
+        prepared.compiled.activate();
+        let runtime = Runtime::new(prepared.compiled, Arc::new(store) as Arc<dyn Store>, clock);
+        let reloader = Reloader::new(
+            Arc::clone(&runtime),
+            paths.clone(),
+            CompileOptions::default(),
+            prepared.generation,
+        );
+        let first = reloader.current().hash.clone();
+
+        // inotify refuses (instance or watch limit): no watcher, ever.
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&tries);
+        let (stop, stopped) = watch::channel(false);
+        let applied = || {
+            reloader
+                .history()
+                .into_iter()
+                .find(|r| r.result == ReloadResult::Applied && r.trigger == Trigger::Rescan)
+        };
+        // The clock moves only when the test advances it: the store and the
+        // reload run on other threads, which auto-advance cannot see.
+        let record = held(async {
+            let task = spawn_with(Arc::clone(&reloader), stopped, move |_, _| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Err("cannot create a file watcher: too many open files (test)".to_owned())
+            });
+            assert_eq!(tries.load(Ordering::SeqCst), 1, "tried at once");
+            // Let the loop start its rescan period.
+            tokio::task::yield_now().await;
+            std::fs::write(&file, ops(20)).expect("edit");
+
+            tokio::time::advance(RESCAN - Duration::from_millis(1)).await;
+            spin(Duration::from_millis(50), || applied().is_some()).await;
+            assert!(
+                applied().is_none(),
+                "nothing rereads the files before the rescan"
+            );
+
+            tokio::time::advance(Duration::from_millis(1)).await;
+            spin(Duration::from_secs(20), || applied().is_some()).await;
+            (applied(), task)
+        })
+        .await;
+        let (record, task) = record;
+        let record = record.unwrap_or_else(|| {
+            panic!(
+                "the rescan did not apply the edit: {:?}",
+                reloader.history()
+            )
+        });
+        assert_ne!(record.generation, first);
+        assert_eq!(reloader.current().hash, record.generation);
+        assert_eq!(
+            runtime.compiled().operations["lookup"]
+                .breaker
+                .config()
+                .volume_threshold,
+            20
+        );
+        assert_eq!(
+            tries.load(Ordering::SeqCst),
+            2,
+            "the watcher is tried again at the rescan"
+        );
+        stop.send_replace(true);
+        task.await.expect("the watch task ends when stopped");
+    }
 
     #[test]
     fn files_are_watched_through_their_directory() {

@@ -836,6 +836,7 @@ async fn a_listener_that_falls_behind_hears_how_many_events_it_missed() {
             applied: true,
             generation: format!("g{n}"),
             errors: Vec::new(),
+            warnings: Vec::new(),
             at: 0,
         });
     }

@@ -484,6 +484,8 @@ proptest! {
         crashed in prop::collection::vec((0u8..12, any::<bool>()), 0..4),
         late in prop::collection::vec((0u8..60, any::<u8>()), 0..20),
     ) {
+        // CPU-heavy: the timing-sensitive end-to-end tests wait for each case.
+        let _exclusive = crate::support::e2e::HEAVY.blocking_write();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)

@@ -375,24 +375,29 @@ async fn an_error_rate_with_a_seed_repeats_itself() {
 
 #[tokio::test]
 async fn a_partial_recovery_steps_the_error_rate_down() {
+    const STEP: Duration = Duration::from_secs(60);
     let fake = fake().await;
     fake.set_faults(Faults {
         error_rate: 1.0,
         error_statuses: vec![503],
         recovery: Some(Recovery {
             step: 0.5,
-            every_ms: 1000,
+            every_ms: 60_000,
         }),
         ..Faults::none()
     })
     .await
     .expect("faults");
+    // Well within the first minute, on the real clock.
     assert_eq!(statuses(&fake, 3).await, [503, 503, 503]);
     assert_eq!(fake.stats().effective_error_rate, 1.0);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The fake reads tokio's clock: from here the test moves it.
+    tokio::time::pause();
+    tokio::time::advance(STEP).await;
     assert_eq!(fake.stats().effective_error_rate, 0.5, "one step down");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::advance(STEP).await;
     assert_eq!(fake.stats().effective_error_rate, 0.0, "recovered");
+    tokio::time::resume();
     assert_eq!(statuses(&fake, 3).await, [200, 200, 200]);
     fake.shutdown().await;
 }
@@ -563,6 +568,7 @@ async fn the_control_api_sets_patches_lists_and_resets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outage_scenario_loses_nothing_and_duplicates_nothing() {
+    let _shared = crate::support::e2e::HEAVY.read().await;
     let started = Instant::now();
     let summary = claygate::demo::run_until(
         DemoOptions {
@@ -582,7 +588,7 @@ async fn the_outage_scenario_loses_nothing_and_duplicates_nothing() {
     let transcript = summary.transcript.join("\n");
     println!("{transcript}");
     assert!(
-        started.elapsed() < Duration::from_secs(40),
+        started.elapsed() < Duration::from_secs(60),
         "took {:?}",
         started.elapsed()
     );
@@ -600,13 +606,21 @@ async fn the_outage_scenario_loses_nothing_and_duplicates_nothing() {
     let failed_fast: u64 = calls.values().map(|t| t.failed_fast).sum();
     assert!(failed_fast > 0, "{transcript}");
 
-    // Reads were served from fallback while Clay was down.
+    // Reads were served from fallback while Clay was down, ageing through
+    // every level after the hot reload shortened the cache windows.
     let lookup = &calls["lookup_company"];
     assert!(lookup.fallbacks() > 0, "{transcript}");
-    let person = &calls["enrich_person"];
+    for level in ["fresh", "stale", "very_stale"] {
+        let n: u64 = calls
+            .values()
+            .map(|t| t.fallback.get(level).copied().unwrap_or(0))
+            .sum();
+        assert!(n > 0, "no {level} fallback answer:\n{transcript}");
+    }
     assert!(
-        person.fallback.get("fresh").copied().unwrap_or(0) > 0,
-        "{transcript}"
+        transcript.contains("phase 2/5 begins with a hot reload")
+            && transcript.contains("reload applied (the watcher saw the edit)"),
+        "the cache windows change through the watcher:\n{transcript}"
     );
 
     // Writes were dead-lettered, then redriven: the DLQ is drained.
@@ -632,24 +646,40 @@ async fn the_outage_scenario_loses_nothing_and_duplicates_nothing() {
     assert!(r.client_repeats > 0);
     assert_eq!(r.invokes, rows.calls);
 
-    // Health went down and came back; the breakers are closed.
+    // Health went unhealthy (the probe failed) and came back healthy by
+    // itself; every breaker that opened closed by itself too.
     let during = summary
         .health
         .iter()
         .find(|h| h.phase == "outage")
         .expect("health during the outage");
-    assert_ne!(during.status, claygate::health::Status::Healthy);
-    assert!(
-        summary.final_health == Some(claygate::health::Status::Healthy)
-            || summary.degraded_only_by_recent_fallbacks,
+    assert_eq!(
+        during.status,
+        claygate::health::Status::Unhealthy,
         "{transcript}"
     );
+    assert_eq!(
+        summary.final_health,
+        Some(claygate::health::Status::Healthy),
+        "{transcript}"
+    );
+    assert!(!summary.degraded_only_by_recent_fallbacks);
     for (op, b) in &summary.breakers {
         assert_eq!(
             b.final_state,
             Some(claygate::pipeline::breaker::BreakerState::Closed),
             "{op}"
         );
+        assert!(
+            !b.reset_by_demo,
+            "{op} was reset by the demo:\n{transcript}"
+        );
+        if b.opened > 0 {
+            assert!(
+                b.closed_by_trial + b.closed_by_probe > 0,
+                "{op} opened and closed by a trial or a probe: {b:?}\n{transcript}"
+            );
+        }
     }
     assert!(transcript.contains("== summary: outage"), "{transcript}");
     assert!(
@@ -674,10 +704,10 @@ async fn an_unknown_scenario_is_refused_before_anything_starts() {
     assert!(e.to_string().contains("unknown scenario `meteor`"), "{e}");
 }
 
-/// The scenario at the pace of `claygate demo --scenario outage` (about a
-/// minute), printed: `cargo test --test tests demo_pace -- --ignored --nocapture`.
+/// The scenario at the pace of `claygate demo --scenario outage` (about 25
+/// seconds), printed: `cargo test --test tests demo_pace -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes about a minute; run by hand to watch the demo"]
+#[ignore = "takes about 25 seconds; run by hand to watch the demo (the quick pace runs in CI)"]
 async fn the_outage_scenario_at_demo_pace() {
     let summary = claygate::demo::run_until(
         DemoOptions {
@@ -826,4 +856,244 @@ async fn the_interactive_demo_answers_the_curl_lines_it_prints() {
         Some(&1)
     );
     demo.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// `claygate demo` as a user runs it: the compiled binary from the repository root.
+
+/// The words of a shell line, with '…' quoting (all the banner uses).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            c => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// Runs a printed `curl` line (method, headers, body, URL) with reqwest, so
+/// the test does not need curl installed; answers status and body.
+async fn run_curl(line: &str) -> (u16, Value) {
+    let words = shell_words(line);
+    assert_eq!(words.first().map(String::as_str), Some("curl"), "{line}");
+    let (mut method, mut url, mut body) = ("GET".to_owned(), None, None);
+    let mut headers = Vec::new();
+    let mut rest = words[1..].iter();
+    while let Some(w) = rest.next() {
+        match w.as_str() {
+            "-s" => {}
+            "-X" => method = rest.next().expect("a method").clone(),
+            "-H" => headers.push(rest.next().expect("a header").clone()),
+            "-d" => body = Some(rest.next().expect("a body").clone()),
+            other if other.starts_with("http://") => url = Some(other.to_owned()),
+            // curl's default scheme, as the banner prints `127.0.0.1:7700/…`.
+            other if other.starts_with("127.0.0.1:") => url = Some(format!("http://{other}")),
+            other => panic!("unexpected curl word {other:?} in {line}"),
+        }
+    }
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+    let mut request = client().request(method, url.expect("a URL"));
+    for h in headers {
+        let (name, value) = h.split_once(':').expect("name: value");
+        request = request.header(name.trim(), value.trim());
+    }
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.expect("the curl line answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_binary_runs_the_outage_scenario_to_its_summary() {
+    let _shared = crate::support::e2e::HEAVY.read().await;
+    let started = Instant::now();
+    let mut demo = crate::support::e2e::Spawned::start(&[
+        "demo",
+        "--scenario",
+        "outage",
+        "--pace",
+        "quick",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let code = demo.exit(Duration::from_secs(90)).await;
+    let out = demo.stdout();
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{}", demo.stderr());
+    assert!(out.contains("== summary: outage"), "{out}");
+    assert!(
+        out.contains("verdict: nothing lost, nothing duplicated"),
+        "{out}"
+    );
+    let health = out
+        .lines()
+        .find(|l| l.starts_with("health: "))
+        .unwrap_or_else(|| panic!("a health line: {out}"));
+    assert!(health.contains("outage unhealthy"), "{health}");
+    assert!(health.ends_with("all clear healthy"), "{health}");
+    println!(
+        "demo --scenario outage --pace quick took {:?}",
+        started.elapsed()
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_binary_serves_the_curl_lines_it_prints_and_reloads_on_sighup() {
+    let _shared = crate::support::e2e::HEAVY.read().await;
+    let mut demo = crate::support::e2e::Spawned::start(&["demo", "--listen", "127.0.0.1:0"]);
+    demo.line("the banner's end", Duration::from_secs(30), |l| {
+        l.starts_with("Edit the files in")
+    })
+    .await;
+    let lookup = demo
+        .line("the lookup_company line", Duration::ZERO, |l| {
+            l.contains("/v1/operations/lookup_company/invoke")
+        })
+        .await;
+    let (status, body) = run_curl(lookup.trim()).await;
+    assert_eq!((status, &body["status"]), (200, &json!("ok")), "{body:#}");
+    assert_eq!(body["data"]["domain"], "acme.com", "{body:#}");
+    let admin = shell_words(lookup.trim())
+        .into_iter()
+        .find(|w| w.contains("/v1/operations/"))
+        .and_then(|u| u.split("/v1/").next().map(str::to_owned))
+        .map(|a| {
+            if a.starts_with("http://") {
+                a
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .expect("the admin URL");
+
+    // SIGHUP reloads, and does not stop the demo.
+    demo.signal("HUP");
+    demo.line("the reload on SIGHUP", Duration::from_secs(10), |l| {
+        l.contains("reload unchanged") || l.contains("reload applied")
+    })
+    .await;
+    assert!(demo.running(), "SIGHUP must not stop the demo");
+    let policies: Value = client()
+        .get(format!("{admin}/v1/policies"))
+        .send()
+        .await
+        .expect("policies")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(
+        policies["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|r| r["trigger"] == "signal")),
+        "{policies:#}"
+    );
+
+    demo.signal("TERM");
+    let code = demo.exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "stderr:\n{}", demo.stderr());
+    assert!(demo.stdout().contains("== summary"), "{}", demo.stdout());
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_binary_runs_the_fake_alone_with_the_faults_given() {
+    let mut demo = crate::support::e2e::Spawned::start(&[
+        "demo",
+        "--fake-only",
+        "--fake-listen",
+        "127.0.0.1:0",
+        "--faults",
+        r#"{"error_rate": 1, "error_statuses": [503], "rate_limit": {"enabled": false}}"#,
+    ]);
+    let line = demo
+        .line("the fake's URL", Duration::from_secs(30), |l| {
+            l.trim_start().starts_with("fake Clay")
+        })
+        .await;
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .to_owned();
+    let control = demo
+        .line("the control URL", Duration::ZERO, |l| {
+            l.trim_start().starts_with("control API")
+        })
+        .await;
+    let control = control
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .to_owned();
+    let answer = client()
+        .get(format!("{url}/v1/companies/acme.com"))
+        .bearer_auth("demo-key")
+        .send()
+        .await
+        .expect("the fake answers");
+    assert_eq!(answer.status(), 503, "error_rate 1 with status 503");
+    let faults: Value = client()
+        .get(&control)
+        .send()
+        .await
+        .expect("faults")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(faults["error_rate"], 1.0, "{faults}");
+    assert_eq!(faults["seed"], 42, "seeded with --seed: {faults}");
+    assert!(
+        demo.stdout().contains("claygate serve"),
+        "how to point claygate at it"
+    );
+    demo.signal("TERM");
+    assert_eq!(demo.exit(Duration::from_secs(20)).await, Some(0));
+}
+
+#[test]
+fn bad_faults_are_refused_naming_the_field() {
+    for (faults, field, why) in [
+        (r#"{"eror_rate": 1}"#, "eror_rate", "unknown field"),
+        (r#"{"error_rate": 2}"#, "error_rate", "within 0 and 1"),
+        (r#"{"latency_ms": "slow"}"#, "latency_ms", "invalid type"),
+        (r#"{"outage": "meteor"}"#, "outage", "unknown variant"),
+        ("{error_rate: 1}", "not JSON", ""),
+    ] {
+        let out = crate::support::run(&["demo", "--fake-only", "--faults", faults]);
+        let stderr = crate::support::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{faults}: {stderr}");
+        assert!(
+            stderr.contains(field) && stderr.contains(why),
+            "{faults}: {stderr}"
+        );
+    }
+    let out = crate::support::run(&["demo", "--scenario", "outage", "--faults", "{}"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        crate::support::stderr(&out).contains("cannot be used with"),
+        "{}",
+        crate::support::stderr(&out)
+    );
 }

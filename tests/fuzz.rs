@@ -16,6 +16,8 @@ use crate::support::repo;
 
 /// Loads `text` on a worker thread; fails if it panics or takes over the watchdog.
 fn load_survives(text: String) -> Result<(), TestCaseError> {
+    // CPU-heavy: the timing-sensitive end-to-end tests wait for each case.
+    let _exclusive = crate::support::e2e::HEAVY.blocking_write();
     let (tx, rx) = mpsc::channel();
     let worker = thread::spawn(move || {
         let loaded = load_str("fuzz.yaml", &text, LoadOptions::default());

@@ -30,6 +30,9 @@ use crate::reload::{self, Change, Generation, ReloadRecord, ReloadResult, Reload
 /// Name of a posted YAML file when `?name=` does not give one.
 pub const DEFAULT_POSTED_NAME: &str = "posted.yaml";
 
+/// Longest `GET /v1/policies` waits for the store to count dead letters.
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(status))
@@ -148,6 +151,12 @@ pub struct PolicyStatus {
     /// Whether the policy directory is watched (edits reload on their own);
     /// false with `--no-watch` or when the watcher could not start.
     pub watching: bool,
+    /// Pending and parked dead letters of operations the serving
+    /// generation no longer defines (or defines without `dlq`), by
+    /// operation: kept, never deleted, but not redriven until the operation
+    /// is back (absent when the store cannot say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orphaned_dead_letters: Option<BTreeMap<String, u64>>,
     /// The latest reload attempts (at most 50), newest first; the first
     /// load at start is the oldest.
     pub history: Vec<ReloadView>,
@@ -188,6 +197,8 @@ pub enum TriggerName {
     Startup,
     /// The file watcher saw a change.
     Watch,
+    /// The periodic rescan (or a watch set up again) reread the files.
+    Rescan,
     /// `SIGHUP`.
     Signal,
     /// `POST /v1/policies/reload`.
@@ -238,6 +249,7 @@ impl From<&ReloadRecord> for ReloadView {
             trigger: match r.trigger {
                 Trigger::Startup => TriggerName::Startup,
                 Trigger::Watch => TriggerName::Watch,
+                Trigger::Rescan => TriggerName::Rescan,
                 Trigger::Signal => TriggerName::Signal,
                 Trigger::Api => TriggerName::Api,
             },
@@ -382,12 +394,26 @@ fn reloader(state: &AppState) -> Result<Arc<Reloader>, ApiError> {
 )]
 pub async fn status(State(state): State<AppState>) -> Result<Json<PolicyStatus>, ApiError> {
     let reloader = reloader(&state)?;
+    let runtime = state.runtime();
+    let compiled = runtime.compiled();
+    let orphaned = match tokio::time::timeout(STORE_TIMEOUT, runtime.store.dlq_counts()).await {
+        Ok(Ok(counts)) => Some(reload::orphaned_dead_letters(&counts, &compiled)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot count orphaned dead letters");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?STORE_TIMEOUT, "the store did not count orphaned dead letters in time");
+            None
+        }
+    };
     Ok(Json(PolicyStatus {
         generation: GenerationView::from(reloader.current().as_ref()),
         watching: state
             .shared
             .watching
             .load(std::sync::atomic::Ordering::Acquire),
+        orphaned_dead_letters: orphaned,
         history: reloader.history().iter().map(ReloadView::from).collect(),
     }))
 }

@@ -256,6 +256,33 @@ impl Faults {
         Ok(())
     }
 
+    /// Faults from JSON as the control API and `claygate demo --faults` take
+    /// them (fields left out take their defaults), checked; an error names
+    /// the field at fault.
+    pub fn from_json(value: Value) -> Result<Faults, InvalidFaults> {
+        let Value::Object(fields) = &value else {
+            return Err(InvalidFaults(
+                "faults are a JSON object, such as {\"error_rate\": 0.5}".into(),
+            ));
+        };
+        let faults = match serde_json::from_value::<Faults>(value.clone()) {
+            Ok(faults) => faults,
+            Err(e) => {
+                // serde_json does not say which field: try them one by one.
+                for (name, v) in fields {
+                    let one =
+                        Value::Object(serde_json::Map::from_iter([(name.clone(), v.clone())]));
+                    if let Err(e) = serde_json::from_value::<Faults>(one) {
+                        return Err(InvalidFaults(format!("`{name}`: {e}")));
+                    }
+                }
+                return Err(InvalidFaults(e.to_string()));
+            }
+        };
+        faults.validate()?;
+        Ok(faults)
+    }
+
     /// The error rate `elapsed` after the faults were set (`recovery` applied).
     pub fn error_rate_after(&self, elapsed: Duration) -> f64 {
         match &self.recovery {
@@ -1117,9 +1144,12 @@ async fn put_faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     } else {
         body
     };
-    match serde_json::from_slice::<Faults>(&body) {
+    let faults = serde_json::from_slice::<Value>(&body)
+        .map_err(|e| InvalidFaults(format!("not JSON: {e}")))
+        .and_then(Faults::from_json);
+    match faults {
         Ok(faults) => set_and_answer(&inner, faults).await,
-        Err(e) => clay_error(StatusCode::BAD_REQUEST, "invalid_faults", &e.to_string()),
+        Err(e) => clay_error(StatusCode::BAD_REQUEST, "invalid_faults", &e.0),
     }
 }
 
@@ -1138,9 +1168,9 @@ async fn patch_faults(State(inner): State<Arc<Inner>>, body: Bytes) -> Response 
     let current = lock(&inner.state).faults.clone();
     let mut merged = serde_json::to_value(current).unwrap_or(Value::Null);
     merge(&mut merged, patch);
-    match serde_json::from_value::<Faults>(merged) {
+    match Faults::from_json(merged) {
         Ok(faults) => set_and_answer(&inner, faults).await,
-        Err(e) => clay_error(StatusCode::BAD_REQUEST, "invalid_faults", &e.to_string()),
+        Err(e) => clay_error(StatusCode::BAD_REQUEST, "invalid_faults", &e.0),
     }
 }
 

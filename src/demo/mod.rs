@@ -1,6 +1,7 @@
 //! `claygate demo`: a fake Clay on loopback with faults injected at run
 //! time ([`fake_clay`]), claygate serving the repository's policies in front
-//! of it, and optionally a narrated scenario ([`scenario`]).
+//! of it, and optionally a narrated scenario ([`scenario`]) on a copy of
+//! the policies paced for it ([`pace`]). `--fake-only` runs the fake alone.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), claygate::demo::DemoError> {
@@ -19,6 +20,7 @@
 //! environment is left alone.
 
 pub mod fake_clay;
+pub mod pace;
 pub mod scenario;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -26,7 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 use crate::compile::{CompileOptions, EnvLookup};
+use crate::reload::Trigger;
 use crate::serve::{ServeConfig, ServeError, Server};
 
 pub use self::fake_clay::{FakeClay, FakeStats, Faults, Outage};
@@ -57,6 +62,11 @@ pub struct DemoOptions {
     pub timings: Timings,
     /// Print the narration to standard output (it is kept in the summary either way).
     pub echo: bool,
+    /// Faults the fake Clay starts with; `None`: only Clay's rate limit,
+    /// seeded with `seed`. A scenario sets its own.
+    pub faults: Option<Faults>,
+    /// Run only the fake Clay (no claygate) until stopped.
+    pub fake_only: bool,
 }
 
 impl Default for DemoOptions {
@@ -72,6 +82,8 @@ impl Default for DemoOptions {
             token: None,
             timings: Timings::demo(),
             echo: true,
+            faults: None,
+            fake_only: false,
         }
     }
 }
@@ -90,6 +102,9 @@ pub enum DemoError {
         /// Why.
         source: std::io::Error,
     },
+    /// The scenario's copy of the policies cannot be made.
+    #[error(transparent)]
+    Policies(#[from] pace::PaceError),
     /// The data directory cannot be made.
     #[error("cannot create the data directory {path}: {source}", path = .path.display())]
     Data {
@@ -101,8 +116,8 @@ pub enum DemoError {
     /// claygate cannot start.
     #[error(transparent)]
     Serve(#[from] ServeError),
-    /// Ctrl-C and SIGTERM cannot be listened for.
-    #[error("cannot listen for Ctrl-C or SIGTERM: {0}")]
+    /// Ctrl-C, SIGTERM or SIGHUP cannot be listened for.
+    #[error("cannot listen for Ctrl-C, SIGTERM or SIGHUP: {0}")]
     Signal(std::io::Error),
     /// The scenario could not run.
     #[error(transparent)]
@@ -161,9 +176,13 @@ impl Drop for DataDir {
 
 /// Runs the demo: starts the fake Clay, then claygate on `options.policies`
 /// pointed at it, prints what to try, then runs the scenario, or serves
-/// until Ctrl-C or SIGTERM; then stops both cleanly. Answers what happened.
+/// until Ctrl-C or SIGTERM (SIGHUP reloads the policies); then stops both
+/// cleanly. Answers what happened.
 pub async fn run(options: DemoOptions) -> Result<DemoSummary, DemoError> {
-    run_until(options, shutdown_signal()).await
+    // Installed before anything starts: a signal sent as soon as the banner
+    // shows must find a handler, not the default action (which kills).
+    let (stop, hangups) = signals().map_err(DemoError::Signal)?;
+    run_signalled(options, stop, Some(hangups)).await
 }
 
 /// [`run`], stopped by `stop` instead of Ctrl-C or SIGTERM (an error of
@@ -172,7 +191,23 @@ pub async fn run_until<F>(options: DemoOptions, stop: F) -> Result<DemoSummary, 
 where
     F: Future<Output = std::io::Result<()>>,
 {
+    run_signalled(options, stop, None).await
+}
+
+/// Runs until `stop`; each message on `hangups` reloads the policies.
+async fn run_signalled<F>(
+    options: DemoOptions,
+    stop: F,
+    hangups: Option<mpsc::Receiver<()>>,
+) -> Result<DemoSummary, DemoError>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    if options.fake_only {
+        return run_fake_only(options, stop).await;
+    }
     let demo = Demo::start(options).await?;
+    let reloads = hangups.map(|rx| demo.reload_on(rx));
     let outcome = match demo.options.scenario.clone() {
         Some(name) => tokio::select! {
             result = demo.run_scenario(&name) => result,
@@ -191,12 +226,98 @@ where
             Err(e) => Err(DemoError::Signal(e)),
         },
     };
+    if let Some(task) = reloads {
+        task.abort();
+    }
     let narrator = Arc::clone(&demo.narrator);
     demo.shutdown().await;
     outcome.map(|mut summary| {
         summary.transcript = narrator.lines();
         summary
     })
+}
+
+/// `claygate demo --fake-only`: the fake Clay alone, until `stop`.
+async fn run_fake_only<F>(options: DemoOptions, stop: F) -> Result<DemoSummary, DemoError>
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    let narrator = Arc::new(Narrator::new(options.echo));
+    let faults = start_faults(&options);
+    let fake = FakeClay::start_with(
+        options.fake_listen,
+        SocketAddr::new(options.fake_listen.ip(), 0),
+        faults,
+    )
+    .await
+    .map_err(|source| DemoError::Fake {
+        addr: options.fake_listen,
+        source,
+    })?;
+    fake_banner(&narrator, &fake);
+    let stopped = stop.await;
+    narrator.say("stopping");
+    let stats = fake.stats();
+    fake.shutdown().await;
+    stopped.map_err(DemoError::Signal)?;
+    let summary = DemoSummary {
+        seed: options.seed,
+        elapsed_ms: u64::try_from(narrator.elapsed().as_millis()).unwrap_or(u64::MAX),
+        rows: scenario::RowSummary {
+            fake_rows: stats.rows,
+            duplicate_deliveries: stats.duplicate_deliveries,
+            ..scenario::RowSummary::default()
+        },
+        fake: Some(stats),
+        ..DemoSummary::default()
+    };
+    scenario::print_summary(&narrator, &summary);
+    Ok(DemoSummary {
+        transcript: narrator.lines(),
+        ..summary
+    })
+}
+
+/// The faults the fake starts with.
+fn start_faults(options: &DemoOptions) -> Faults {
+    options.faults.clone().unwrap_or(Faults {
+        seed: options.seed,
+        ..Faults::default()
+    })
+}
+
+/// A future that resolves on SIGTERM or Ctrl-C, and a channel of SIGHUPs.
+fn signals() -> std::io::Result<(
+    impl Future<Output = std::io::Result<()>>,
+    mpsc::Receiver<()>,
+)> {
+    let (tx, rx) = mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // A full channel already holds a pending reload.
+                let _ = tx.try_send(());
+            }
+        });
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            Ok(())
+        };
+        Ok((stop, rx))
+    }
+    #[cfg(not(unix))]
+    {
+        drop(tx);
+        Ok((tokio::signal::ctrl_c(), rx))
+    }
 }
 
 /// A running demo: the fake Clay and claygate in front of it.
@@ -206,6 +327,8 @@ pub struct Demo {
     fake: FakeClay,
     server: Server,
     data: DataDir,
+    /// The scenario's paced copy of the policies (removed on drop).
+    copy: Option<pace::PolicyCopy>,
 }
 
 impl Demo {
@@ -220,13 +343,21 @@ impl Demo {
         }
         let narrator = Arc::new(Narrator::new(options.echo));
         let data = DataDir::new(options.data.clone())?;
+        // A scenario serves its own copy, paced for a walk of a minute.
+        let copy = match &options.scenario {
+            Some(_) => Some(pace::copy_paced(
+                &options.policies,
+                &options.timings.pace(),
+            )?),
+            None => None,
+        };
+        let policies = copy
+            .as_ref()
+            .map_or_else(|| options.policies.clone(), |c| c.dir.clone());
         let fake = FakeClay::start_with(
             options.fake_listen,
             SocketAddr::new(options.fake_listen.ip(), 0),
-            Faults {
-                seed: options.seed,
-                ..Faults::default()
-            },
+            start_faults(&options),
         )
         .await
         .map_err(|source| DemoError::Fake {
@@ -234,7 +365,7 @@ impl Demo {
             source,
         })?;
         let server = Server::start(ServeConfig {
-            policies: vec![options.policies.clone()],
+            policies: vec![policies],
             data: data.path.clone(),
             listen: options.listen,
             token: options.token.clone(),
@@ -243,7 +374,7 @@ impl Demo {
                 env: demo_env(fake.url()),
                 transport: None,
             },
-            watch: options.scenario.is_none(),
+            watch: true,
         })
         .await;
         let server = match server {
@@ -260,6 +391,7 @@ impl Demo {
             fake,
             server,
             data,
+            copy,
         })
     }
 
@@ -292,7 +424,48 @@ impl Demo {
             seed: self.options.seed,
             timings: self.options.timings.clone(),
             narrator: Arc::clone(&self.narrator),
+            reloader: self.server.state().shared.reloader.clone(),
+            policies: self
+                .copy
+                .as_ref()
+                .map_or_else(|| self.options.policies.clone(), |c| c.dir.clone()),
+            paced: self
+                .copy
+                .as_ref()
+                .map(|c| c.notes.clone())
+                .unwrap_or_default(),
         }
+    }
+
+    /// Reloads the policies (forced, as `claygate serve` on SIGHUP) on each
+    /// message of `hangups`, narrated, until aborted.
+    fn reload_on(&self, mut hangups: mpsc::Receiver<()>) -> tokio::task::JoinHandle<()> {
+        let reloader = self.server.state().shared.reloader.clone();
+        let narrator = Arc::clone(&self.narrator);
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let Some(reloader) = &reloader else {
+                    narrator.say("SIGHUP: this server has no policy directory to reload");
+                    continue;
+                };
+                narrator.say("SIGHUP: reloading the policies");
+                let record = reloader.reload(Trigger::Signal, true).await;
+                let generation = record.generation.get(..12).unwrap_or(&record.generation);
+                narrator.say(&format!(
+                    "  reload {}: generation {generation} serving{}",
+                    record.result.as_str(),
+                    if record.errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; {} error(s), first: {}",
+                            record.errors.len(),
+                            crate::reload::problem_text(&record.errors[0])
+                        )
+                    }
+                ));
+            }
+        })
     }
 
     /// Runs scenario `name` (see [`SCENARIOS`]) and answers its summary.
@@ -318,6 +491,7 @@ impl Demo {
             fake,
             server,
             data,
+            copy,
             ..
         } = self;
         let drained = server.shutdown().await;
@@ -327,22 +501,7 @@ impl Demo {
             drained.finished, drained.interrupted
         ));
         drop(data);
-    }
-}
-
-/// Resolves on Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await
+        drop(copy);
     }
 }
 
@@ -368,18 +527,31 @@ fn banner(
             "  curl -s -X POST {admin}/v1/operations/{op}/invoke{auth} -H 'content-type: application/json' -d '{params}'"
         )
     };
-    let lines = [
+    let copy_note = if options.scenario.is_some() {
+        " (a copy paced for the scenario)"
+    } else {
+        ""
+    };
+    let mut lines = vec![
         "claygate demo".to_owned(),
         format!(
             "  fake Clay   {}  (control API: http://{control}/_fake/faults, /_fake/stats, /_fake/rows, /_fake/reset)",
             fake.url()
         ),
         format!(
-            "  claygate    http://{admin}  ({operations} operations from {}, data in {}{data_note})",
+            "  claygate    http://{admin}  ({operations} operations from {}{copy_note}, data in {}{data_note})",
             display(&options.policies),
             display(&data.path)
         ),
         "  CLAY_BASE_URL points at the fake through the demo's own environment lookup".to_owned(),
+    ];
+    if options.faults.is_some() {
+        lines.push(format!(
+            "  faults in force: {}",
+            serde_json::to_string(&fake.faults()).unwrap_or_default()
+        ));
+    }
+    lines.extend([
         String::new(),
         "Call Clay through claygate:".to_owned(),
         invoke("lookup_company", r#"{"domain":"acme.com"}"#),
@@ -421,10 +593,39 @@ fn banner(
             "Ctrl-C stops the scenario.".to_owned()
         } else {
             format!(
-                "Edit the files in {} to see them reload. Ctrl-C stops.",
+                "Edit the files in {} to see them reload (or send SIGHUP). Ctrl-C stops.",
                 display(&options.policies)
             )
         },
+    ]);
+    for line in lines {
+        narrator.plain(&line);
+    }
+}
+
+/// What `--fake-only` prints: the fake's URLs and how to use them.
+fn fake_banner(narrator: &Narrator, fake: &FakeClay) {
+    let url = fake.url();
+    let control = fake.control_url();
+    let lines = [
+        "claygate demo --fake-only".to_owned(),
+        format!("  fake Clay   {url}"),
+        format!(
+            "  control API {control}/_fake/faults  (also /_fake/stats, /_fake/rows, /_fake/reset)"
+        ),
+        format!(
+            "  faults in force: {}",
+            serde_json::to_string(&fake.faults()).unwrap_or_default()
+        ),
+        String::new(),
+        "Point claygate at it:".to_owned(),
+        format!("  CLAY_BASE_URL={url} CLAY_API_KEY=demo-key claygate serve --policies policies"),
+        "Call it directly:".to_owned(),
+        format!("  curl -s {url}/v1/companies/acme.com -H 'Authorization: Bearer demo-key'"),
+        "Break it (PUT replaces the faults, PATCH changes some):".to_owned(),
+        format!("  curl -s -X PUT {control}/_fake/faults -d '{{\"outage\":\"refuse\"}}'"),
+        format!("  curl -s -X PATCH {control}/_fake/faults -d '{{\"error_rate\":0.5}}'"),
+        "Ctrl-C stops.".to_owned(),
     ];
     for line in lines {
         narrator.plain(&line);

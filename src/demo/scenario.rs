@@ -2,18 +2,25 @@
 //!
 //! # `outage`
 //!
-//! A narrated walk of about a minute (shorter with [`Timings::quick`]):
+//! A narrated walk of about 25 seconds (under ten with [`Timings::quick`]),
+//! on a copy of the policies paced for it ([`super::pace`]: breakers try
+//! again after seconds, not 30s; the probe runs every second; an operation
+//! counts as degraded for seconds after a fallback answer), so that the
+//! recovery happens by the policies themselves:
 //!
 //! 1. **normal**: mixed traffic (`lookup_company`, `enrich_person`,
 //!    `enrich_company`, `push_row`) fills the fallback caches and delivers rows;
-//! 2. **outage**: the fake Clay refuses connections; traffic goes on until
-//!    the breakers open, then calls fail fast: reads are served from the
-//!    fallback cache (with the staleness and age they really had) or the
-//!    static value, writes are dead-lettered (`queued`);
-//! 3. **recovery**: the fake is back; a breaker whose reset timeout runs out
-//!    within [`Timings::natural_reset_wait`] half-opens and closes on a trial
-//!    call by itself, the others are reset by the demo (as
-//!    `POST /v1/breakers/{name}/reset` does), and it says so;
+//! 2. **outage**: the demo first shortens the cache windows in its copy (a
+//!    hot reload through the watcher, so answers age within the demo), then
+//!    the fake Clay refuses connections; traffic goes on until the breakers
+//!    open, then calls fail fast: reads are served from the fallback cache
+//!    (fresh, then stale, then very stale, with the age they really had) or
+//!    the static value, writes are dead-lettered (`queued`), the probe
+//!    fails and health goes unhealthy;
+//! 3. **recovery**: the fake is back; each breaker's reset timeout runs out,
+//!    and a trial call or a passing probe closes it (a breaker still open
+//!    after [`Timings::natural_reset_wait`] would be reset by the demo, and
+//!    it would say so);
 //! 4. **redrive**: the redrive worker may already have delivered some dead
 //!    letters on their own schedule (the bundled policy's first back-off is
 //!    up to 30s, jittered); the rest are requeued now, as
@@ -54,6 +61,9 @@ pub const OPERATIONS: [&str; 4] = [
     "enrich_company",
     "push_row",
 ];
+
+/// Staleness levels of cached answers, in the order they come.
+const STALENESS: [&str; 3] = ["fresh", "stale", "very_stale"];
 
 /// The table rows are pushed to.
 pub const TABLE: &str = "tbl_demo_signups";
@@ -101,8 +111,11 @@ pub struct Timings {
     pub normal: Duration,
     /// Longest the outage drives traffic waiting for every breaker to open.
     pub open_within: Duration,
-    /// Traffic once the breakers are open (fallbacks age meanwhile).
+    /// Traffic once the breakers are open (fallbacks age meanwhile), at least.
     pub outage_hold: Duration,
+    /// Longest the outage goes on past `outage_hold` until the fallback
+    /// answers have been fresh, stale and very stale.
+    pub staleness_within: Duration,
     /// Longest the recovery waits for a breaker's own reset timeout; a
     /// breaker due later is reset by the demo.
     pub natural_reset_wait: Duration,
@@ -112,34 +125,66 @@ pub struct Timings {
     pub settle: Duration,
     /// Time between progress lines.
     pub report_every: Duration,
+    /// Every breaker's `reset_timeout` in the scenario's copy of the policies.
+    pub breaker_reset: Duration,
+    /// Every probe's `interval` in the copy.
+    pub probe_interval: Duration,
+    /// `health.fallback_window` in the copy.
+    pub fallback_window: Duration,
+    /// `fresh` of every cached fallback, set by the hot reload mid-run.
+    pub cache_fresh: Duration,
+    /// `stale` of every cached fallback, set by the hot reload mid-run.
+    pub cache_stale: Duration,
 }
 
 impl Timings {
-    /// The pace of `claygate demo --scenario outage`: about a minute.
+    /// The pace of `claygate demo --scenario outage`: about 25 seconds.
     pub fn demo() -> Timings {
         Timings {
             tick: Duration::from_millis(600),
             normal: Duration::from_secs(6),
             open_within: Duration::from_secs(15),
-            outage_hold: Duration::from_secs(5),
-            natural_reset_wait: Duration::from_secs(12),
+            outage_hold: Duration::from_secs(4),
+            staleness_within: Duration::from_secs(20),
+            natural_reset_wait: Duration::from_secs(8),
             drain_within: Duration::from_secs(20),
             settle: Duration::from_secs(16),
             report_every: Duration::from_secs(2),
+            breaker_reset: Duration::from_secs(4),
+            probe_interval: Duration::from_secs(1),
+            fallback_window: Duration::from_secs(5),
+            cache_fresh: Duration::from_secs(3),
+            cache_stale: Duration::from_secs(8),
         }
     }
 
-    /// A few seconds in all, for tests: no waiting on reset timeouts.
+    /// The same walk in under ten seconds, for tests (`claygate demo
+    /// --scenario outage --pace quick`).
     pub fn quick() -> Timings {
         Timings {
             tick: Duration::from_millis(150),
             normal: Duration::from_millis(600),
             open_within: Duration::from_secs(20),
             outage_hold: Duration::from_millis(500),
-            natural_reset_wait: Duration::ZERO,
+            staleness_within: Duration::from_secs(10),
+            natural_reset_wait: Duration::from_secs(4),
             drain_within: Duration::from_secs(15),
-            settle: Duration::ZERO,
+            settle: Duration::from_secs(10),
             report_every: Duration::from_secs(1),
+            breaker_reset: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(250),
+            fallback_window: Duration::from_secs(1),
+            cache_fresh: Duration::from_millis(1500),
+            cache_stale: Duration::from_secs(3),
+        }
+    }
+
+    /// What the scenario's copy of the policies is paced with.
+    pub fn pace(&self) -> super::pace::Pace {
+        super::pace::Pace {
+            breaker_reset: self.breaker_reset,
+            probe_interval: self.probe_interval,
+            fallback_window: self.fallback_window,
         }
     }
 }
@@ -226,6 +271,8 @@ pub struct BreakerSummary {
     pub half_opened: u32,
     /// Times a trial call closed it.
     pub closed_by_trial: u32,
+    /// Times a passing probe closed it (serving as the trial).
+    pub closed_by_probe: u32,
     /// Whether the demo reset it (its reset timeout was longer than the demo waits).
     pub reset_by_demo: bool,
     /// Its state at the end.
@@ -395,6 +442,12 @@ pub struct Stage<'a> {
     pub timings: Timings,
     /// Where the story goes.
     pub narrator: Arc<Narrator>,
+    /// The server's reloader (for the hot reload mid-run).
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
+    /// The policy directory served: the scenario's paced copy.
+    pub policies: std::path::PathBuf,
+    /// What the copy changed, one line each.
+    pub paced: Vec<String>,
 }
 
 /// Why a scenario could not run.
@@ -609,6 +662,7 @@ fn say_reason(reason: &str) -> &str {
         "trials_succeeded" => "the trial call succeeded",
         "trial_failed" => "the trial call failed",
         "half_open_max_wait" => "no verdict in time",
+        "probe_passed" => "a passing probe served as the trial",
         "reset" => "reset",
         "force_open" => "forced open",
         "force_closed" => "forced closed",
@@ -1007,6 +1061,91 @@ impl<'s, 'a> Walk<'s, 'a> {
         }
     }
 
+    /// Whether the cached fallback answers have been fresh, stale and very stale.
+    fn staleness_crossed(&self) -> bool {
+        STALENESS.iter().all(|level| self.fallbacks_of(level) > 0)
+    }
+
+    /// Cached fallback answers of `level`, over every operation.
+    fn fallbacks_of(&self, level: &str) -> u64 {
+        self.book
+            .total
+            .values()
+            .map(|t| t.fallback.get(level).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// Shortens the cache windows in the served copy and waits (bounded)
+    /// for the watcher to apply them: a hot reload, narrated.
+    async fn shorten_cache_windows(&mut self) {
+        let stage = self.stage;
+        let Some(reloader) = stage.reloader.clone() else {
+            return;
+        };
+        let (fresh, stale) = (stage.timings.cache_fresh, stage.timings.cache_stale);
+        let before = reloader.current().hash.clone();
+        self.say(&format!(
+            "phase 2/5 begins with a hot reload: so that cached answers age within this demo, the demo edits the cache windows in its copy of the policies (fresh {}, stale {}):",
+            secs(fresh),
+            secs(stale)
+        ));
+        let written = Instant::now();
+        let notes = match super::pace::shorten_cache_windows(&stage.policies, fresh, stale) {
+            Ok(notes) => notes,
+            Err(e) => {
+                self.say(&format!("  cannot edit the copy: {e}"));
+                return;
+            }
+        };
+        for note in &notes {
+            self.plain(&format!("           {note}"));
+        }
+        if notes.is_empty() {
+            return;
+        }
+        let deadline = written + Duration::from_secs(5);
+        while reloader.current().hash == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = written.elapsed();
+        let record = if reloader.current().hash == before {
+            self.say(
+                "  the watcher did not reload within 5s; reloading explicitly, as SIGHUP does",
+            );
+            reloader.reload(crate::reload::Trigger::Signal, true).await
+        } else {
+            let hash = reloader.current().hash.clone();
+            match reloader
+                .history()
+                .into_iter()
+                .find(|r| r.generation == hash)
+            {
+                Some(r) => r,
+                None => return,
+            }
+        };
+        let carried = record
+            .changes
+            .values()
+            .filter_map(|c| c.carried)
+            .filter(|c| c.breaker && c.bulkhead && c.rate_limiter)
+            .count();
+        self.say(&format!(
+            "  reload {} ({}): generation {} -> {}, serving {} after the write ({} ms to load, validate and compile); {carried} of {} operations kept their breaker, bulkhead and rate limiter",
+            record.result.as_str(),
+            match record.trigger {
+                crate::reload::Trigger::Watch => "the watcher saw the edit",
+                crate::reload::Trigger::Rescan => "the periodic rescan read it",
+                _ => "forced",
+            },
+            short_hash(&before),
+            short_hash(&record.generation),
+            secs(seen),
+            record.duration_ms,
+            record.changes.len()
+        ));
+    }
+
     /// This run's dead letters as stored now (deleted ones left out).
     async fn dlq_entries(&self) -> Vec<crate::store::DeadLetter> {
         let mut entries = Vec::new();
@@ -1034,6 +1173,10 @@ impl<'s, 'a> Walk<'s, 'a> {
         }
         states
     }
+}
+
+fn short_hash(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 fn only_fallback_afterglow(report: &HealthReport) -> bool {
@@ -1074,6 +1217,15 @@ async fn outage(stage: &Stage<'_>) -> Result<DemoSummary, ScenarioError> {
 
     walk.plain("");
     walk.plain("== scenario: outage ==");
+    if !stage.paced.is_empty() {
+        walk.say(&format!(
+            "the scenario serves a copy of the policies paced for a short demo ({}), so that the recovery is the policies' own:",
+            stage.policies.display()
+        ));
+        for note in &stage.paced {
+            walk.plain(&format!("           {note}"));
+        }
+    }
     walk.say(&format!(
         "phase 1/5, normal: mixed traffic for {} (a round every {}): lookups, enrichments, rows pushed to table {TABLE}",
         secs(timings.normal),
@@ -1083,6 +1235,7 @@ async fn outage(stage: &Stage<'_>) -> Result<DemoSummary, ScenarioError> {
     walk.health("normal").await;
 
     walk.plain("");
+    walk.shorten_cache_windows().await;
     walk.say(&format!(
         "phase 2/5, outage: Clay stops accepting connections, as `curl -X PUT {control}/_fake/faults -d '{{\"outage\":\"refuse\"}}'` does"
     ));
@@ -1128,11 +1281,27 @@ async fn outage(stage: &Stage<'_>) -> Result<DemoSummary, ScenarioError> {
         ));
     }
     walk.say(&format!(
-        "  keeping traffic up for {}: reads are answered from the fallback cache (watch the age grow) or the static value, rows are dead-lettered",
+        "  keeping traffic up for {} or more: reads are answered from the fallback cache (watch the age grow: fresh, stale, very stale) or the static value, rows are dead-lettered",
         secs(timings.outage_hold)
     ));
     walk.drive(Phase::Outage, timings.outage_hold, |_| false)
         .await;
+    if !walk.staleness_crossed() {
+        walk.drive(
+            Phase::Outage,
+            timings.staleness_within,
+            Walk::staleness_crossed,
+        )
+        .await;
+    }
+    let levels: Vec<String> = STALENESS
+        .iter()
+        .map(|level| format!("{level} {}", walk.fallbacks_of(level)))
+        .collect();
+    walk.say(&format!(
+        "  cached fallback answers so far: {}",
+        levels.join(", ")
+    ));
     let (pending, _, _) = walk.dlq_states().await;
     walk.say(&format!(
         "  DLQ: {} dead letters written by this run, {pending} pending",
@@ -1318,20 +1487,17 @@ async fn outage(stage: &Stage<'_>) -> Result<DemoSummary, ScenarioError> {
     walk.drive(Phase::Clear, timings.tick * 3, |_| false).await;
     let settle_started = Instant::now();
     let mut report = walk.health("all clear").await;
-    if report.status != Status::Healthy
-        && !only_fallback_afterglow(&report)
-        && !timings.settle.is_zero()
-    {
+    let window = crate::health::fallback_window(&stage.runtime.compiled().set);
+    if report.status != Status::Healthy && !timings.settle.is_zero() {
         walk.say(&format!(
-            "  waiting up to {} for health to recover (the upstream probe runs on its own interval)",
-            secs(timings.settle)
+            "  waiting up to {} for health to recover (the probe runs every {}; a fallback answer counts for {})",
+            secs(timings.settle),
+            secs(timings.probe_interval),
+            secs(window)
         ));
     }
-    while report.status != Status::Healthy
-        && !only_fallback_afterglow(&report)
-        && settle_started.elapsed() < timings.settle
-    {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    while report.status != Status::Healthy && settle_started.elapsed() < timings.settle {
+        tokio::time::sleep(Duration::from_millis(250)).await;
         let next = crate::health::report(&stage.runtime, &stage.probes).await;
         if next.status != report.status || next.output != report.output {
             report = walk.health("all clear").await;
@@ -1342,8 +1508,8 @@ async fn outage(stage: &Stage<'_>) -> Result<DemoSummary, ScenarioError> {
     walk.afterglow = only_fallback_afterglow(&report);
     if walk.afterglow {
         walk.say(&format!(
-            "  degraded only because reads were answered from fallback in the last {} (health counts them that long); breakers, probe and DLQ are healthy",
-            secs(crate::health::FALLBACK_WINDOW)
+            "  degraded only because reads were answered from fallback in the last {} (health.fallback_window); breakers, probe and DLQ are healthy",
+            secs(window)
         ));
     }
     let summary = summarize(&mut walk, Some("outage")).await;
@@ -1421,6 +1587,9 @@ async fn summarize(walk: &mut Walk<'_, '_>, scenario: Option<&str>) -> DemoSumma
                     if t.reason == "trials_succeeded" =>
                 {
                     b.closed_by_trial += 1;
+                }
+                (_, BreakerState::Closed) if t.reason == "probe_passed" => {
+                    b.closed_by_probe += 1;
                 }
                 _ => {}
             }
@@ -1516,10 +1685,11 @@ pub fn print_summary(narrator: &Narrator, s: &DemoSummary) {
         }
         let _ = writeln!(
             out,
-            "breaker {op}: opened {}x, half-opened {}x, closed by a trial {}x{}, now {}",
+            "breaker {op}: opened {}x, half-opened {}x, closed by a trial call {}x, by a passing probe {}x{}, now {}",
             b.opened,
             b.half_opened,
             b.closed_by_trial,
+            b.closed_by_probe,
             if b.reset_by_demo {
                 ", reset by the demo"
             } else {

@@ -83,6 +83,19 @@ pub struct SourceFile {
 pub struct Sources {
     /// The files.
     pub files: Vec<SourceFile>,
+    /// Files found but not decoded (not UTF-8), with their bytes: they are
+    /// reported as diagnostics and still name the set, so a generation hash
+    /// tells a broken file from a missing one.
+    pub undecoded: Vec<RawFile>,
+}
+
+/// A policy file that could not be decoded as text, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFile {
+    /// The path as given (or as found in a directory).
+    pub name: String,
+    /// The file's bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl SourceLookup for Sources {
@@ -181,7 +194,9 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<(Sources, Vec<Diagnostic>), Rea
         };
         for file in files {
             let name = file.display().to_string();
-            if sources.files.iter().any(|f| f.name == name) {
+            if sources.files.iter().any(|f| f.name == name)
+                || sources.undecoded.iter().any(|f| f.name == name)
+            {
                 continue;
             }
             let bytes = fs::read(&file).map_err(|source| ReadError::Io {
@@ -203,6 +218,10 @@ pub fn read_sources(paths: &[PathBuf]) -> Result<(Sources, Vec<Diagnostic>), Rea
                         )
                         .hint("policy files are UTF-8 YAML"),
                     );
+                    sources.undecoded.push(RawFile {
+                        name,
+                        bytes: e.into_bytes(),
+                    });
                 }
             }
         }
@@ -252,6 +271,7 @@ pub fn load_str(name: &str, text: &str, options: LoadOptions) -> Loaded {
             name: name.to_owned(),
             text: text.to_owned(),
         }],
+        undecoded: Vec::new(),
     };
     load_sources(sources, Vec::new(), options)
 }

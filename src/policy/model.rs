@@ -159,6 +159,9 @@ pub struct Defaults {
 pub struct HealthPolicy {
     /// An operation is degraded while its DLQ holds more than this many entries.
     pub dlq_degraded_above: Option<u32>,
+    /// An operation is degraded for this long after it answered from its
+    /// fallback (default 60s).
+    pub fallback_window: Option<Duration>,
 }
 
 /// One outbound operation: where it goes and how it is protected.

@@ -29,9 +29,10 @@ const ENV: [&str; 7] = [
     "RUST_LOG",
 ];
 
-/// Serialises the chaos test against the others: it takes this lock for
-/// writing, every other end-to-end test for reading, so timing-sensitive
-/// tests never share the two cores with a few thousand chaotic calls.
+/// Serialises CPU-heavy tests against timing-sensitive ones: the chaos
+/// test, the reload load test and each case of the fuzz and conservation
+/// proptests take it for writing, every other end-to-end test for reading,
+/// so a test that measures time never shares the two cores with them.
 pub static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A fake Clay on loopback with no faults and no rate limit.
@@ -56,8 +57,11 @@ pub fn client() -> reqwest::Client {
         .expect("a client")
 }
 
-/// Copies a pipe into a shared string on a thread.
-fn drain_pipe(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+/// Copies a pipe into a shared string on a thread, until it closes.
+fn drain_pipe(
+    pipe: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut line = String::new();
@@ -67,7 +71,7 @@ fn drain_pipe(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
                 .push_str(&line);
             line.clear();
         }
-    });
+    })
 }
 
 fn text(s: &Arc<Mutex<String>>) -> String {
@@ -178,8 +182,8 @@ impl Gate {
         let mut child = cmd.spawn().expect("claygate starts");
         let stdout = Arc::new(Mutex::new(String::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
-        drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
+        let _ = drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
+        let _ = drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let out = text(&stdout);
@@ -415,5 +419,121 @@ impl Webhook {
 impl Drop for Webhook {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A `claygate` child process with its output captured, killed when dropped.
+pub struct Spawned {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    pipes: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Spawned {
+    /// `claygate <args>` run from the repository root (as a user runs the
+    /// README's commands), with the server's variables cleared.
+    pub fn start(args: &[&str]) -> Spawned {
+        let mut cmd = claygate();
+        cmd.args(args).current_dir(crate::support::repo());
+        for name in ENV {
+            cmd.env_remove(name);
+        }
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("claygate starts");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipes = vec![
+            drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout)),
+            drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr)),
+        ];
+        Spawned {
+            child,
+            stdout,
+            stderr,
+            pipes,
+        }
+    }
+
+    /// Standard output so far.
+    pub fn stdout(&self) -> String {
+        text(&self.stdout)
+    }
+
+    /// Standard error so far.
+    pub fn stderr(&self) -> String {
+        text(&self.stderr)
+    }
+
+    /// The first line of standard output that `wanted` accepts, waiting at
+    /// most `within`; panics (with the output) otherwise.
+    pub async fn line(
+        &mut self,
+        what: &str,
+        within: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(line) = self.stdout().lines().find(|l| wanted(l)) {
+                return line.to_owned();
+            }
+            let exited = self.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{what}: not printed within {within:?} (exited: {exited:?})\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends signal `name` (`TERM`, `HUP`, …) with `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits at most `within` for it to exit; answers its exit code.
+    pub async fn exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Its pipes are closed: the threads end with the last lines.
+                for pipe in self.pipes.drain(..) {
+                    let _ = pipe.join();
+                }
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {within:?}\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
