@@ -18,19 +18,27 @@
 #   4. claygate B: a second `claygate serve`, operation `lookup_keyed`: the
 #      same plus `idempotency: { key: [domain] }` (a deterministic key: every
 #      call after the first is a replay of the stored answer) and a fallback cache.
+#   5. when node and npm are on the PATH: the Node peer (node-peer/server.mjs,
+#      `npm ci` into the temp dir): the same operation hand-rolled with an
+#      opossum breaker, a p-queue bulkhead, a Promise.race timeout and one
+#      retry — what users write without claygate.
 #   Then wrk (benches/proxy/wrk.lua: POST with a JSON body and content-type for
-#   the claygate targets; plain GET for the others) measures, alternating the
+#   the invoke targets; plain GET for the others) measures, alternating the
 #   targets within each round, at -t1 -c1 and -t2 -c32 (--latency):
 #     (a) upstream direct GET   (b) via the nginx proxy
 #     (c) claygate invoke lookup (d) claygate invoke lookup_keyed
-#   and (e) fail-fast: breaker `lookup` forced open
-#   (POST /v1/breakers/lookup/open), invoke at c=32 (every answer a 503).
+#     (e) the Node peer
+#   and failing fast through the API, at c=1 (the rejection's own latency)
+#   and c=32 (rejections per second):
+#     (f) breaker `lookup` forced open (POST /v1/breakers/lookup/open): 503s;
+#     (g) bulkhead full: the only slot of `lookup_full` held by a call to an
+#         upstream that accepts and never answers, queue 0: 429s.
 #   RSS of both claygate processes (ps -o rss=) idle, and the max sampled
 #   every 0.5 s under the c=32 load.
 #   Each (target, concurrency) gets a 2 s warm-up then DURATION seconds,
 #   ROUNDS times; the table gives the mean over rounds (req/s range in
 #   brackets). Results go to stdout only (progress to stderr).
-#   Default run: 2 rounds x 8 x 12 s + 12 s fail-fast ~ 3.5 min.
+#   Default run: 2 rounds x 10 x 12 s + 4 x 12 s fail-fast ~ 5 min.
 #
 # Caveat: servers and wrk share the machine's cores; on a 2-core box the
 # load generator competes with what it measures, so read ratios, not
@@ -89,7 +97,7 @@ wait_http() { # url
   echo "not answering: $1" >&2; return 1
 }
 
-UP_PORT=$(free_port); PX_PORT=$(free_port)
+UP_PORT=$(free_port); PX_PORT=$(free_port); STUCK_PORT=$(free_port); NODE_PORT=$(free_port)
 BODY='{"name":"Acme","domain":"acme.com","industry":"Software","employee_count":250,"country":"US"}'
 
 nginx_common() { # name
@@ -137,6 +145,15 @@ EOF
 EOF
 } > "$T/proxy.conf"
 
+# An upstream that accepts connections and never answers: a call to it holds
+# its bulkhead slot for as long as the attempt timeout allows, for (g).
+python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(128); held = []
+while True: held.append(s.accept()[0])
+' "$STUCK_PORT" &
+PIDS+=($!)
 for n in upstream proxy; do
   "$NGINX" -p "$T" -e "$T/$n-error.log" -c "$T/$n.conf" >"$T/$n.out" 2>&1 &
   PIDS+=($!)
@@ -156,6 +173,10 @@ upstreams:
       critical: { concurrency: 64, queue: 256, queue_timeout: 1s }
       normal: { concurrency: 64, queue: 256, queue_timeout: 1s }
       bulk: { concurrency: 8, queue: 64, queue_timeout: 1s }
+  stuck:
+    base_url: "http://127.0.0.1:$STUCK_PORT"
+    priorities:
+      normal: { concurrency: 1, queue: 0, queue_timeout: 1s }
 timeouts: { connect: 1s, request: 2s }
 operations:
 EOF
@@ -178,7 +199,20 @@ op() { # name
 EOF
 }
 mkdir -p "$T/pol-a" "$T/pol-b" "$T/data-a" "$T/data-b"
-{ policy_head; op lookup; } > "$T/pol-a/bench.yaml"
+{ policy_head; op lookup; cat <<EOF
+  lookup_full:
+    upstream: stuck
+    request: { method: GET, path: "/v1/companies/{{ params.domain }}" }
+    params_schema:
+      type: object
+      required: [domain]
+      properties: { domain: { type: string, maxLength: 253 } }
+    timeout: 5m
+    deadline: 5m
+    priority: normal
+    retry: { max_attempts: 1 }
+EOF
+} > "$T/pol-a/bench.yaml"
 { policy_head; op lookup_keyed; cat <<EOF
     idempotency: { key: [domain], ttl: 1h }
     fallback: { cache: { fresh: 10m, stale: 1h, very_stale: 1d } }
@@ -218,6 +252,24 @@ grep -qi '^idempotent-replayed: true' "$T/h" || log "note: second lookup_keyed c
 KEYED_HDRS=$(tr -d '\r' < "$T/h" | grep -i '^idempotent-replayed' || true)
 RSS_A_IDLE=$(rss "$CGA_PID"); RSS_B_IDLE=$(rss "$CGB_PID")
 
+# (e) the Node peer, when node and npm are here.
+TARGETS="a b c d"
+if command -v node >/dev/null && command -v npm >/dev/null; then
+  cp -r "$HERE/node-peer" "$T/node-peer"; rm -rf "$T/node-peer/node_modules"
+  if (cd "$T/node-peer" && npm ci --no-audit --no-fund --silent >&2); then
+    node "$T/node-peer/server.mjs" "$NODE_PORT" "$UP" >"$T/node.out" 2>"$T/node.err" &
+    NODE_PID=$!; PIDS+=("$NODE_PID")
+    NODE="http://127.0.0.1:$NODE_PORT"
+    for i in $(seq 1 100); do curl -s -o /dev/null "$NODE/" && break; sleep 0.05; done
+    code=$(curl -s -o "$T/b" -w '%{http_code}' -X POST -H 'content-type: application/json' -d "$PARAMS" "$NODE/")
+    if [ "$code" = 200 ]; then TARGETS="a b c d e"; else log "node peer answered $code: $(cat "$T/b"); skipping (e)"; fi
+  else
+    log "npm ci failed; skipping the Node peer (e)"
+  fi
+else
+  log "no node/npm on the PATH; skipping the Node peer (e)"
+fi
+
 # --- wrk ------------------------------------------------------------------------
 LUA="$HERE/wrk.lua"
 declare -A RPS P50 P99 N2XX RSSMAX
@@ -241,6 +293,7 @@ URL[a]="$UP/v1/companies/acme.com"; METHOD[a]=GET
 URL[b]="$PX/v1/companies/acme.com"; METHOD[b]=GET
 URL[c]="$CGA/v1/operations/lookup/invoke"; METHOD[c]=POST; PIDOF[c]=$CGA_PID
 URL[d]="$CGB/v1/operations/lookup_keyed/invoke"; METHOD[d]=POST; PIDOF[d]=$CGB_PID
+URL[e]="${NODE:-}/"; METHOD[e]=POST
 
 measure() { # key conc -> appends to arrays
   local k=$1 c=$2 out sampler=""
@@ -262,19 +315,35 @@ measure() { # key conc -> appends to arrays
 
 for r in $(seq 1 "$ROUNDS"); do
   for c in 1 32; do
-    for k in a b c d; do measure "$k" "$c"; done
+    for k in $TARGETS; do measure "$k" "$c"; done
   done
 done
 
-# (e) fail-fast: breaker forced open, invoke through the API at c=32
+# (f) fail fast: breaker forced open, invoke through the API at c=32
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$CGA/v1/breakers/lookup/open")
 [ "$code" = 200 ] || log "note: breaker open answered $code"
 code=$(invoke "$CGA" lookup)
 [ "$code" = 503 ] || { echo "breaker open but invoke answered $code: $(cat "$T/b")" >&2; exit 1; }
 FF_CODE=$(grep -o '"code":"[a-z_]*"' "$T/b" | head -1)
-URL[e]=${URL[c]}; METHOD[e]=POST; PIDOF[e]=$CGA_PID
-measure e 32
+URL[f]=${URL[c]}; METHOD[f]=POST; PIDOF[f]=$CGA_PID
+measure f 1; measure f 32
 curl -s -o /dev/null -X POST "$CGA/v1/breakers/lookup/reset"
+
+# (g) fail fast: bulkhead full. One call to the silent upstream holds the
+# only slot of `lookup_full` (queue 0); every other call is refused at once.
+curl -s -o /dev/null -m 600 -X POST -H 'content-type: application/json' -d "$PARAMS" \
+  "$CGA/v1/operations/lookup_full/invoke" &
+HOLDER=$!; PIDS+=("$HOLDER")
+for i in $(seq 1 100); do
+  code=$(invoke "$CGA" lookup_full)
+  [ "$code" = 429 ] && break
+  sleep 0.05
+done
+[ "$code" = 429 ] || { echo "bulkhead of lookup_full not full: $code $(cat "$T/b")" >&2; exit 1; }
+BF_CODE=$(grep -o '"code":"[a-z_]*"' "$T/b" | head -1)
+URL[g]="$CGA/v1/operations/lookup_full/invoke"; METHOD[g]=POST; PIDOF[g]=$CGA_PID
+measure g 1; measure g 32
+kill "$HOLDER" 2>/dev/null || true
 sleep 1
 RSS_A_END=$(rss "$CGA_PID"); RSS_B_END=$(rss "$CGB_PID")
 
@@ -289,7 +358,9 @@ NAME[a]="(a) upstream direct (nginx, GET)"
 NAME[b]="(b) nginx keep-alive proxy"
 NAME[c]="(c) claygate \`lookup\`"
 NAME[d]="(d) claygate \`lookup_keyed\` (idempotent replay + fallback cache)"
-NAME[e]="(e) claygate \`lookup\`, breaker forced open (fail fast, all 503)"
+NAME[e]="(e) Node peer (opossum + p-queue + Promise.race, hand-rolled)"
+NAME[f]="(f) claygate \`lookup\`, breaker forced open (fail fast, all 503)"
+NAME[g]="(g) claygate \`lookup_full\`, bulkhead full (fail fast, all 429)"
 
 echo
 echo "### claygate proxy overhead — $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -304,10 +375,10 @@ echo "| target | c | req/s | p50 | p99 | non-2xx | vs (a) req/s | vs (b) req/s |
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 declare -A MR MP
 for c in 1 32; do
-  for k in a b c d; do
+  for k in $TARGETS; do
     MR[$k]=$(mean ${RPS[$k,$c]}); MP[$k]=$(mean ${P50[$k,$c]})
     vsa="—"; vsb="—"; add="—"
-    if [ "$k" = c ] || [ "$k" = d ]; then
+    if [ "$k" = c ] || [ "$k" = d ] || [ "$k" = e ]; then
       vsa=$(ratio "${MR[$k]}" "${MR[a]}"); vsb=$(ratio "${MR[$k]}" "${MR[b]}")
       add="+$(us $(( ${MP[$k]} - ${MP[a]} )))"
     elif [ "$k" = b ]; then
@@ -316,13 +387,18 @@ for c in 1 32; do
     echo "| ${NAME[$k]} | $c | ${MR[$k]} ($(range ${RPS[$k,$c]})) | $(us "${MP[$k]}") | $(us "$(mean ${P99[$k,$c]})") | ${N2XX[$k,$c]} | $vsa | $vsb | $add |"
   done
 done
-echo "| ${NAME[e]} | 32 | $(mean ${RPS[e,32]}) rejections/s | $(us "$(mean ${P50[e,32]})") | $(us "$(mean ${P99[e,32]})") | ${N2XX[e,32]} ($FF_CODE) | $(ratio "$(mean ${RPS[e,32]})" "${MR[a]}") | $(ratio "$(mean ${RPS[e,32]})" "${MR[b]}") | — |"
+for k in f g; do
+  code=$FF_CODE; [ "$k" = g ] && code=$BF_CODE
+  for c in 1 32; do
+    echo "| ${NAME[$k]} | $c | $(mean ${RPS[$k,$c]}) rejections/s | $(us "$(mean ${P50[$k,$c]})") | $(us "$(mean ${P99[$k,$c]})") | ${N2XX[$k,$c]} ($code) | — | — | — |"
+  done
+done
 echo
 echo "| claygate RSS (ps -o rss=) | \`lookup\` process | \`lookup_keyed\` process |"
 echo "| --- | --- | --- |"
 echo "| started, before any call | $RSS_A_START KiB | $RSS_B_START KiB |"
 echo "| idle after first calls | $RSS_A_IDLE KiB | $RSS_B_IDLE KiB |"
-echo "| max under c=32 load (0.5 s samples) | ${RSSMAX[c]:-?} KiB (fail-fast: ${RSSMAX[e]:-?} KiB) | ${RSSMAX[d]:-?} KiB |"
+echo "| max under c=32 load (0.5 s samples) | ${RSSMAX[c]:-?} KiB (fail fast: ${RSSMAX[f]:-?} / ${RSSMAX[g]:-?} KiB) | ${RSSMAX[d]:-?} KiB |"
 echo "| idle after the run | $RSS_A_END KiB | $RSS_B_END KiB |"
 echo
 echo "\"added p50\" subtracts the medians at the same concurrency. The \`lookup_keyed\` key is derived from \`domain\`, identical on every call, so after the first call every answer is a replay from the idempotency store${KEYED_HDRS:+ (\`${KEYED_HDRS}\`)}: it measures the replay path, not an upstream call."
