@@ -38,15 +38,17 @@
 //!   ([`replay_one`], [`replay_matching`], or a delete). Parking raises an
 //!   alert (see [`RedriveState`] for the counters). The entry's idempotency
 //!   record becomes `parked`, so a duplicate of the original call hears
-//!   `dead_lettered_parked` (naming the entry) instead of "queued"; a
-//!   permanent upstream answer is stored as the record's answer instead. A
+//!   `dead_lettered_parked` (naming the entry) instead of "queued", for as
+//!   long as the entry is kept (not the key's `ttl`: a duplicate must not
+//!   run the work beside a later replay); a permanent upstream answer is
+//!   stored as the record's answer instead, replayed for the `ttl`. A
 //!   due row that cannot be read back is parked too (`unreadable_record`,
 //!   no expiry), so it cannot block the queue; listings show it as a stub.
 //! * **Retention.** Delivered and parked entries are kept for `retention`
 //!   (default 14 days), then removed by the worker's sweep. Pending entries
-//!   are never swept. Deleting or purging an entry drops its queued or
-//!   parked idempotency record: the work is gone, and a retry may run it
-//!   afresh.
+//!   are never swept. Deleting, purging or sweeping an entry drops its
+//!   queued or parked idempotency record: the work is gone, and a retry may
+//!   run it afresh.
 //!
 //! # Waiting on the breaker
 //!
@@ -783,7 +785,7 @@ async fn redrive_entry(
     let now = runtime.clock.now();
     let retention_end = now.saturating_add(millis(config.retention));
     // The key's record replays an answer for the key's ttl; a parked record
-    // (no answer) lives no longer than its entry.
+    // (no answer) lives exactly as long as its entry (see `DlqUpdate::Parked`).
     let key_end = now.saturating_add(millis(pipeline.idempotency.ttl));
     let failure = match result {
         Ok(reply) => {
@@ -839,11 +841,6 @@ async fn redrive_entry(
         (Failure::Status(reply), true) => Some(crate::runtime::stored(reply)),
         _ => None,
     };
-    let parked_key_end = if answer.is_some() {
-        key_end
-    } else {
-        key_end.min(retention_end)
-    };
     // This redrive's number (1 is the first); `max_attempts` redrives in all.
     let number = entry.redrive_attempts.saturating_add(1);
     if entry.state == DlqState::Parked {
@@ -855,7 +852,7 @@ async fn redrive_entry(
             error_message,
             expires_at: retention_end,
             answer,
-            key_expires_at: parked_key_end,
+            key_expires_at: key_end,
         };
         let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
             return Ok(Done::Gone);
@@ -899,7 +896,7 @@ async fn redrive_entry(
         error_message,
         expires_at: retention_end,
         answer,
-        key_expires_at: parked_key_end,
+        key_expires_at: key_end,
     };
     let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
         return Ok(Done::Gone);

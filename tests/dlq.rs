@@ -813,19 +813,23 @@ async fn a_duplicate_of_a_parked_or_deleted_entry_hears_the_truth() {
     assert_eq!(rig.script.hits(), hits + 1);
 }
 
-/// Review finding 1, end to end: a parked entry outlives its key; a new
-/// call reuses the caller's key with other params and completes; replaying
-/// the old entry must not put its answer under the new call's key.
+/// Review finding 1, end to end: an entry parked with a permanent answer
+/// outlives that answer's key; a new call reuses the caller's key with
+/// other params and completes; replaying the old entry must not put its
+/// answer under the new call's key.
 #[tokio::test(start_paused = true)]
 async fn replaying_an_old_entry_never_overwrites_a_reused_key() {
-    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
-    rig.script.then(fail(503));
+    let rig = rig(&ops(&[push_op("push_row", DLQ_14D)])).await;
+    rig.script
+        .then(fail(503))
+        .then(Step::Reply(409, json!({"error": "locked"})));
     let old = rig
         .dead_letter("push_row", keyed("t1", 1, "order-42"))
         .await;
-    park(&rig, old).await;
+    rig.advance_to(rig.entry(old).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 1);
 
-    // The parked key lives no longer than the key's ttl (24h).
+    // The permanent answer replays for the key's ttl (24h), then frees it.
     tokio::time::advance(Duration::from_secs(25 * 3600)).await;
     rig.script.then(Step::Reply(201, json!({"call": "new"})));
     let new = rig.invoke("push_row", keyed("t1", 2, "order-42")).await;
@@ -842,6 +846,73 @@ async fn replaying_an_old_entry_never_overwrites_a_reused_key() {
     );
     let other = rig.invoke("push_row", keyed("t1", 1, "order-42")).await;
     assert_eq!(failure_code(&other), "idempotency_conflict");
+}
+
+/// Like [`DLQ`], but parking at the first failed redrive and keeping
+/// entries 14 days (the default), longer than the key's 24h ttl.
+const DLQ_14D: &str = "{ max_attempts: 1, backoff: { initial: 30s, max: 30s, jitter: none }, redrive_rate: 100, retention: 14d }";
+
+/// Round 2, item 2: a parked key lasts as long as its entry, not the key's
+/// ttl. Parked on day 0, a duplicate on day 2 must not claim the key and
+/// send the work, or an admin's replay on day 3 delivers it twice; the
+/// same for a requeue after the sweep. At retention end both go.
+#[tokio::test(start_paused = true)]
+async fn a_parked_key_lasts_as_long_as_its_entry() {
+    let rig = rig(&ops(&[push_op("push_row", DLQ_14D)])).await;
+    rig.script
+        .then(fail(503))
+        .then(fail(503))
+        .then(fail(503))
+        .then(fail(503));
+    let a = rig.dead_letter("push_row", row("t1", 1)).await;
+    let b = rig.dead_letter("push_row", row("t1", 2)).await;
+    rig.advance_to(rig.entry(b).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 2);
+    assert_eq!(rig.script.hits(), 4);
+
+    // Day 2: far past the key's ttl; the sweep runs.
+    tokio::time::advance(Duration::from_secs(2 * 24 * 3600)).await;
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!((swept.idempotency_records, swept.dead_letters), (0, 0));
+    for (id, n) in [(a, 1), (b, 2)] {
+        let dup = rig.invoke("push_row", row("t1", n)).await;
+        match &dup.answer {
+            Answer::Failed(InvokeError::DeadLetterParked { dlq_id }) => assert_eq!(*dlq_id, id),
+            other => panic!("the parked key still holds: {other:?}"),
+        }
+    }
+    assert_eq!(rig.script.hits(), 4, "no duplicate reached the upstream");
+
+    // Day 3: an admin replays one and requeues the other; each is sent
+    // once, by the redrive only.
+    tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+    rig.script.then(Step::Reply(201, json!({"row": 1})));
+    let replayed = dlq::replay_one(&rig.runtime, a).await.expect("replayed");
+    assert_eq!(replayed.state, DlqState::Delivered);
+    let by_code = DlqFilter {
+        state: Some(DlqState::Parked),
+        ..DlqFilter::default()
+    };
+    assert_eq!(dlq::replay_matching(&rig.runtime, &by_code).await, Ok(1));
+    let dup_b = rig.invoke("push_row", row("t1", 2)).await;
+    assert!(
+        matches!(dup_b.answer, Answer::Queued { dlq_id, .. } if dlq_id == b),
+        "requeued: queued with its entry, {dup_b:?}"
+    );
+    let dup_a = rig.invoke("push_row", row("t1", 1)).await;
+    assert_eq!(body(&dup_a), json!({"row": 1}), "replays the delivery");
+    assert_eq!(rig.script.hits(), 5);
+
+    // Parked again, then past its retention: entry and key go together.
+    rig.script.then(fail(503));
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 1);
+    tokio::time::advance(Duration::from_secs(14 * 24 * 3600)).await;
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!(swept.store_errors, 0, "{swept:?}");
+    assert_eq!(rig.runtime.store.dlq_get(b).await.expect("read"), None);
+    rig.script.then(Step::Reply(201, json!({"row": 2})));
+    let fresh = rig.invoke("push_row", row("t1", 2)).await;
+    assert_eq!(body(&fresh), json!({"row": 2}), "the work runs afresh");
 }
 
 /// Review finding 5: a row damaged by SQL neither stops its operation's

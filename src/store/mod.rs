@@ -354,7 +354,7 @@ pub enum DlqUpdate {
     /// It failed for good (out of attempts, or a permanent error). The
     /// entry's idempotency record becomes `completed` with `answer` when
     /// given (a permanent upstream answer is the call's result), else
-    /// `parked`.
+    /// `parked`, without expiry: it lasts as long as its entry.
     Parked {
         /// When.
         at: UnixMillis,
@@ -366,7 +366,8 @@ pub enum DlqUpdate {
         expires_at: UnixMillis,
         /// The permanent upstream answer to replay to duplicates, if any.
         answer: Option<StoredResponse>,
-        /// When the idempotency record expires.
+        /// When the idempotency record of `answer` expires (its ttl); unused
+        /// without an answer.
         key_expires_at: UnixMillis,
     },
 }
@@ -597,7 +598,8 @@ pub trait Store: Send + Sync + 'static {
     /// Entry counts by operation and state.
     fn dlq_counts(&self) -> BoxFuture<'_, StoreResult<Vec<DlqCount>>>;
 
-    /// Deletes delivered and parked entries with `expires_at <= now`.
+    /// Deletes delivered and parked entries with `expires_at <= now`, and
+    /// the queued or parked idempotency records they hold.
     fn dlq_sweep(&self, now: UnixMillis) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Writes everything accepted so far and closes; later calls fail with

@@ -178,8 +178,12 @@ const IDEM_ANSWER_OF_ENTRY: &str = "UPDATE idempotency SET state = 'completed', 
      expires_at = ?7 \
      WHERE operation = ?1 AND key = ?2 AND dlq_id = ?3 \
        AND state IN ('queued', 'parked', 'completed')";
-/// The record held by dead letter `?3`, queued, follows its entry into `parked`.
-const IDEM_PARK_OF_ENTRY: &str = "UPDATE idempotency SET state = 'parked', expires_at = ?4 \
+/// The record held by dead letter `?3`, queued, follows its entry into
+/// `parked`. It does not expire: it goes with its entry (deleted, purged or
+/// swept together), so a duplicate can never run parked work beside a
+/// later replay of the entry.
+const IDEM_PARK_OF_ENTRY: &str = "UPDATE idempotency SET state = 'parked', \
+     expires_at = 9223372036854775807 \
      WHERE operation = ?1 AND key = ?2 AND dlq_id = ?3 AND state = 'queued'";
 /// Records of the entries a requeue makes pending again become queued.
 const IDEM_REQUEUE: &str = concat!(
@@ -208,6 +212,11 @@ const IDEM_OF_UNREADABLE: &str = "UPDATE idempotency SET state = 'parked', \
        AND (operation, key, dlq_id) IN \
          (SELECT operation, idempotency_key, id FROM dlq WHERE id = ?1)";
 const IDEM_SWEEP: &str = "DELETE FROM idempotency WHERE expires_at <= ?1";
+/// Records held (queued or parked) by the entries a sweep deletes.
+const IDEM_OF_SWEPT: &str = "DELETE FROM idempotency WHERE state IN ('queued', 'parked') \
+       AND (operation, key, dlq_id) IN (SELECT operation, idempotency_key, id FROM dlq \
+         WHERE state IN ('delivered', 'parked') AND expires_at <= ?1 \
+           AND idempotency_key IS NOT NULL)";
 
 const CACHE_PUT: &str = "INSERT INTO cache (operation, key, status, content_type, body, fetched_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -524,8 +533,7 @@ async fn key_follows_entry(
         None if park => sqlx::query(IDEM_PARK_OF_ENTRY)
             .bind(entry.operation.as_str())
             .bind(key.as_str())
-            .bind(entry.id)
-            .bind(key_expires_at),
+            .bind(entry.id),
         None => return Ok(()),
     };
     query
@@ -1088,8 +1096,13 @@ impl Store for SqliteStore {
     }
 
     fn dlq_sweep(&self, now: UnixMillis) -> BoxFuture<'_, StoreResult<u64>> {
-        Box::pin(self.write("dlq_sweep", move |conn| {
+        Box::pin(self.write_steps("dlq_sweep", move |conn| {
             Box::pin(async move {
+                sqlx::query(IDEM_OF_SWEPT)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| query_error("dlq_sweep", &e))?;
                 let done = sqlx::query(DLQ_SWEEP)
                     .bind(now)
                     .execute(&mut *conn)
@@ -2249,7 +2262,7 @@ mod tests {
         store.dlq_update(a, parked(10, "x", 900)).await.unwrap();
         let record = store.idempotency_get("op", "a").await.unwrap().unwrap();
         assert_eq!(record.state, IdempotencyState::Parked { dlq_id: a });
-        assert_eq!(record.expires_at, 900);
+        assert_eq!(record.expires_at, i64::MAX, "goes with its entry");
         let parked_only = DlqFilter {
             state: Some(DlqState::Parked),
             ..DlqFilter::default()
@@ -2301,12 +2314,13 @@ mod tests {
         assert_eq!(store.dlq_purge(&by_code).await.unwrap(), 1);
         assert_eq!(state_of(&store, "op", "q").await, None);
 
-        // Day 3: the key expired and a new call (other params) took it and
-        // completed. The old entry's delivery, park, requeue, or deletion
-        // must not touch the new call's record.
+        // Day 3: the delivered answer's key expired and a new call (other
+        // params) took it and completed. An admin's resend of the delivered
+        // entry, its park or delivery, or its deletion must not touch the
+        // new call's record.
         let old = queue("order-42").await;
         store
-            .dlq_update(old, parked(10, "z", 9_000_000))
+            .dlq_update(old, delivered(10, 200, 9_000_000))
             .await
             .unwrap();
         let record = store
@@ -2321,18 +2335,26 @@ mod tests {
             .unwrap()
         {
             Claim::Claimed(token) => token,
-            other => panic!("the expired parked key is free: {other:?}"),
+            other => panic!("the expired answer's key is free: {other:?}"),
         };
         store
             .idempotency_complete("op", "order-42", &token, &answer(200, "new"), later + 99)
             .await
             .unwrap();
         let new_record = store.idempotency_get("op", "order-42").await.unwrap();
-        let z_only = DlqFilter {
-            error_code: Some("z".into()),
+        let resend = DlqFilter {
+            state: Some(DlqState::Delivered),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_requeue(&z_only, later).await.unwrap(), 1);
+        assert_eq!(store.dlq_requeue(&resend, later).await.unwrap(), 2);
+        store
+            .dlq_update(old, parked(later, "z", later + 5))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.idempotency_get("op", "order-42").await.unwrap(),
+            new_record
+        );
         store
             .dlq_update(old, delivered(later, 200, later + 5))
             .await
@@ -2347,6 +2369,36 @@ mod tests {
             new_record
         );
         assert_eq!(new_record.unwrap().fingerprint, "fp-new");
+        store.close().await.unwrap();
+    }
+
+    /// Round 2, item 2: a parked key lasts as long as its entry, far past
+    /// the key's ttl, so a duplicate never runs the parked work beside a
+    /// later replay; the entry's sweep takes both.
+    #[tokio::test]
+    async fn a_parked_key_lasts_as_long_as_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let token = claim(&store, "k", "fp", 1_000, 2_000, 5_000).await;
+        let mut entry = letter("op", 1);
+        entry.idempotency_key = Some("k".into());
+        let id = store.dlq_insert_holding(entry, Some(&token)).await.unwrap();
+        store.dlq_update(id, parked(10, "x", 900_000)).await.unwrap();
+
+        // Long past the key's ttl, before the entry's retention ends.
+        assert_eq!(store.idempotency_sweep(899_999).await.unwrap(), 0);
+        assert_eq!(store.dlq_sweep(899_999).await.unwrap(), 0);
+        let held = store
+            .idempotency_claim("op", "k", "fp", 899_999, 900_999, 999_999)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&held, Claim::Existing(r) if r.state == IdempotencyState::Parked { dlq_id: id }),
+            "{held:?}"
+        );
+
+        assert_eq!(store.dlq_sweep(900_000).await.unwrap(), 1);
+        assert_eq!(state_of(&store, "op", "k").await, None, "swept with it");
         store.close().await.unwrap();
     }
 
