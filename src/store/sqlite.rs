@@ -3858,8 +3858,11 @@ mod tests {
     }
 
     /// A version 1 store (as the previous release left it) migrates to the
-    /// current schema keeping its records: a queued key, an in-flight claim
-    /// of a crashed process, a completed answer.
+    /// current schema keeping its records: an in-flight claim of a crashed
+    /// process, a completed answer. Round 2, item 6: version 1 left every
+    /// dead-lettered key `queued` with the key's ttl; each now follows its
+    /// entry (pending: no expiry; parked: parked; gone: freed; delivered:
+    /// as it was).
     #[tokio::test]
     async fn a_version_1_store_is_migrated_keeping_its_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -3882,7 +3885,23 @@ mod tests {
              content_type, body, dlq_id, created_at, expires_at) VALUES \
              ('op', 'flight', 'f', 'in_flight', 50, NULL, NULL, NULL, NULL, 1, 1000), \
              ('op', 'done', 'f', 'completed', NULL, 200, 'text/plain', x'6f6b', NULL, 1, 1000), \
-             ('op', 'queued', 'f', 'queued', NULL, NULL, NULL, NULL, 7, 1, 1000)",
+             ('op', 'queued', 'f', 'queued', NULL, NULL, NULL, NULL, 7, 1, 1000), \
+             ('op', 'was-parked', 'f', 'queued', NULL, NULL, NULL, NULL, 8, 1, 1000), \
+             ('op', 'was-delivered', 'f', 'queued', NULL, NULL, NULL, NULL, 9, 1, 1000), \
+             ('op', 'was-deleted', 'f', 'queued', NULL, NULL, NULL, NULL, 6, 1, 1000), \
+             ('op', 'other-key', 'f', 'queued', NULL, NULL, NULL, NULL, 10, 1, 1000)",
+        )
+        .await
+        .unwrap();
+        // Entry 6 was deleted; entry 10 belongs to another key.
+        conn.execute(
+            "INSERT INTO dlq (id, operation, params, idempotency_key, priority, state, \
+             error_code, error_message, call_attempts, redrive_attempts, first_attempt_at, \
+             last_attempt_at, next_attempt_at, delivered_status, expires_at) VALUES \
+             (7, 'op', '{}', 'queued', NULL, 'pending', 'x', 'x', 1, 0, 1, 1, 5, NULL, NULL), \
+             (8, 'op', '{}', 'was-parked', NULL, 'parked', 'x', 'x', 1, 5, 1, 1, 5, NULL, 9000), \
+             (9, 'op', '{}', 'was-delivered', NULL, 'delivered', 'x', 'x', 1, 1, 1, 1, 5, 201, 9000), \
+             (10, 'op', '{}', 'another', NULL, 'pending', 'x', 'x', 1, 0, 1, 1, 5, NULL, NULL)",
         )
         .await
         .unwrap();
@@ -3901,10 +3920,21 @@ mod tests {
                 body: Bytes::from_static(b"ok"),
             }))
         );
-        assert_eq!(
-            state_of(&store, "op", "queued").await,
-            Some(IdempotencyState::Queued { dlq_id: 7 })
-        );
+        let record = |key: &'static str| {
+            let store = &store;
+            async move { store.idempotency_get("op", key).await.unwrap() }
+        };
+        let queued = record("queued").await.expect("kept");
+        assert_eq!(queued.state, IdempotencyState::Queued { dlq_id: 7 });
+        assert_eq!(queued.expires_at, i64::MAX, "pending: no expiry");
+        let parked = record("was-parked").await.expect("kept");
+        assert_eq!(parked.state, IdempotencyState::Parked { dlq_id: 8 });
+        assert_eq!(parked.expires_at, i64::MAX, "lasts as long as its entry");
+        let delivered = record("was-delivered").await.expect("kept");
+        assert_eq!(delivered.state, IdempotencyState::Queued { dlq_id: 9 });
+        assert_eq!(delivered.expires_at, 1000, "as version 1 left it");
+        assert_eq!(record("was-deleted").await, None, "its entry is gone");
+        assert_eq!(record("other-key").await, None, "no entry of its own");
         // The crashed claim has no token: taken over once its lease lapsed.
         claim(&store, "flight", "f", 50, 60, 1000).await;
         store.integrity_check().await.unwrap();
