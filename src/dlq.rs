@@ -90,7 +90,12 @@
 //! [`RedriveState`]: the worker skips it and [`replay_one`] answers
 //! [`ReplayError::Busy`]. The mark is process-local; the store's state is
 //! re-read after the mark is taken, so an entry delivered or deleted in the
-//! meantime is not sent again.
+//! meantime is not sent again. Deleting and purging respect the mark too:
+//! deleting an entry that is being sent would free its key while its
+//! request is in flight, and a retry of the original call would then send
+//! the work a second time. [`delete_one`] takes the mark itself (answering
+//! [`DeleteError::Busy`] when it is taken); [`purge`] leaves marked entries
+//! alone and says how many, and while it runs no new mark is given.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -253,7 +258,7 @@ const MAX_BATCH: u32 = 1000;
 #[derive(Debug, Default)]
 pub struct RedriveState {
     wake: Notify,
-    running: Mutex<HashSet<i64>>,
+    running: Mutex<Marks>,
     /// Per operation: the earliest time the next redrive may be sent.
     pacers: Mutex<HashMap<String, Instant>>,
     delivered: AtomicU64,
@@ -280,7 +285,7 @@ impl RedriveState {
 
     /// Whether entry `id` is being redriven or replayed in this process now.
     pub fn is_running(&self, id: i64) -> bool {
-        lock(&self.running).contains(&id)
+        lock(&self.running).ids.contains(&id)
     }
 
     /// Entries delivered by redrive or replay since start.
@@ -325,12 +330,25 @@ impl RedriveState {
         }
     }
 
-    /// Marks `id` as running; `None` when it already is.
+    /// Marks `id` as running; `None` when it already is, or while a purge
+    /// runs.
     fn claim(&self, id: i64) -> Option<Running<'_>> {
         // The guard must be gone before a `Running` exists: dropping one
         // takes the lock again.
-        let inserted = lock(&self.running).insert(id);
+        let inserted = {
+            let mut marks = lock(&self.running);
+            marks.fences == 0 && marks.ids.insert(id)
+        };
         inserted.then(|| Running { state: self, id })
+    }
+
+    /// Stops new marks until the fence is dropped; answers it with the
+    /// entries marked now (in one step, so no entry is sent unseen).
+    fn fence(&self) -> (Fence<'_>, Vec<i64>) {
+        let mut marks = lock(&self.running);
+        marks.fences += 1;
+        let running = marks.ids.iter().copied().collect();
+        (Fence { state: self }, running)
     }
 
     /// Reserves the next send slot of `operation` at `rate` per second and
@@ -465,7 +483,25 @@ struct Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        lock(&self.state.running).remove(&self.id);
+        lock(&self.state.running).ids.remove(&self.id);
+    }
+}
+
+/// The entries marked as running, and the purges that hold new marks off.
+#[derive(Debug, Default)]
+struct Marks {
+    ids: HashSet<i64>,
+    fences: usize,
+}
+
+/// A purge in progress: no entry is marked as running until it is dropped.
+struct Fence<'a> {
+    state: &'a RedriveState,
+}
+
+impl Drop for Fence<'_> {
+    fn drop(&mut self) {
+        lock(&self.state.running).fences -= 1;
     }
 }
 
@@ -1116,6 +1152,71 @@ pub async fn replay_matching(runtime: &Runtime, filter: &DlqFilter) -> StoreResu
     Ok(count)
 }
 
+/// Why [`delete_one`] did not delete an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeleteError {
+    /// No dead letter has this id (never, or deleted or swept).
+    #[error("no dead letter with id {0}")]
+    NotFound(i64),
+    /// The worker (or a replay) is sending the entry now: deleting it would
+    /// free its key while its request is in flight.
+    #[error("dead letter {0} is being redriven right now; try again shortly")]
+    Busy(i64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DeleteError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeleteError::NotFound(_) => "dead_letter_not_found",
+            DeleteError::Busy(_) => "dlq_busy",
+            DeleteError::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+/// Deletes entry `id` and its queued or parked idempotency record (the
+/// work is gone: a retry of the original call runs afresh). Refused with
+/// [`DeleteError::Busy`] while the entry is being redriven or replayed; it
+/// holds the entry's mark meanwhile, so no redrive starts during it.
+pub async fn delete_one(runtime: &Runtime, id: i64) -> Result<(), DeleteError> {
+    let Some(_running) = runtime.redrive.claim(id) else {
+        return Err(DeleteError::Busy(id));
+    };
+    if runtime.store.dlq_delete(id).await? {
+        Ok(())
+    } else {
+        Err(DeleteError::NotFound(id))
+    }
+}
+
+/// What [`purge`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PurgeReport {
+    /// Entries deleted, with their queued or parked idempotency records.
+    pub purged: u64,
+    /// Matching entries left alone because they were being redriven or
+    /// replayed at that moment; a later purge deletes them.
+    pub skipped: u64,
+}
+
+/// Deletes every entry matching `filter` (pending ones too) and their
+/// queued or parked idempotency records, except entries being redriven or
+/// replayed now (their keys must hold while their requests are in flight):
+/// those are counted in [`PurgeReport::skipped`]. No redrive or replay
+/// starts while it runs.
+pub async fn purge(runtime: &Runtime, filter: &DlqFilter) -> StoreResult<PurgeReport> {
+    let (_fence, running) = runtime.redrive.fence();
+    let done = runtime.store.dlq_purge(filter, &running).await?;
+    Ok(PurgeReport {
+        purged: done.deleted,
+        skipped: done.skipped,
+    })
+}
+
 /// Removes what has expired: delivered and parked dead letters past their
 /// retention, idempotency records past their ttl, per operation with a
 /// fallback cache, entries older than `very_stale` and beyond `max_entries`,
@@ -1273,6 +1374,23 @@ mod tests {
         assert!(state.is_running(8));
         drop(other);
         assert!(state.claim(7).is_some());
+    }
+
+    /// Round 2, item 5: a purge sees every entry marked before it, and no
+    /// entry is marked while it runs.
+    #[test]
+    fn a_fence_names_the_running_entries_and_holds_new_marks_off() {
+        let state = RedriveState::default();
+        let running = state.claim(7).expect("free");
+        let (fence, marked) = state.fence();
+        assert_eq!(marked, vec![7]);
+        assert!(state.claim(8).is_none(), "no new mark during a purge");
+        let (second, _) = state.fence();
+        drop(fence);
+        assert!(state.claim(8).is_none(), "one purge still runs");
+        drop(second);
+        drop(running);
+        assert!(state.claim(8).is_some(), "marks again once it is done");
     }
 
     #[tokio::test(start_paused = true)]

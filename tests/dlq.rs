@@ -1142,7 +1142,7 @@ operations:
 
     let r = purge(json!({"operation": "push_row"})).await.expect("sent");
     assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 1}));
+    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 1, "skipped": 0}));
     let (_, page) = server.get_json("/v1/dlq").await;
     assert_eq!(page["entries"].as_array().map(Vec::len), Some(2));
     assert_eq!(page["unreadable"], json!([]));
@@ -1154,8 +1154,97 @@ operations:
     assert_eq!(fake.hits(), hits + 1, "the retry was sent, not replayed");
 
     let r = purge(json!({"all": true})).await.expect("sent");
-    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 3}));
+    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 3, "skipped": 0}));
     let (_, page) = server.get_json("/v1/dlq").await;
     assert_eq!(page["entries"], json!([]));
     server.server.shutdown().await;
+}
+
+/// Lets the other tasks run until `done`, for at most five seconds of
+/// real time: a bounded poll that never moves the paused clock.
+async fn until(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert!(done(), "the condition did not come true in time");
+}
+
+/// Round 2, item 5: deleting or purging an entry while the worker sends it
+/// would free its key with its request in flight, and a retry of the
+/// original call would then send the work a second time. Delete answers
+/// 409 `dlq_busy`; purge leaves it and says so; a retry meanwhile still
+/// hears `queued`. Once the redrive is done the entry can be deleted.
+#[tokio::test(start_paused = true)]
+async fn an_entry_being_redriven_is_neither_deleted_nor_purged() {
+    use axum::body::Body;
+    use claygate::admin::{AppState, router};
+    use tower::ServiceExt;
+
+    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503)).then(fail(503));
+    let sending = rig.dead_letter("push_row", row("t1", 1)).await;
+    let other = rig.dead_letter("push_row", row("t1", 2)).await;
+    rig.advance_to(rig.entry(other).await.next_attempt_at).await;
+
+    // The worker sends `sending` first; its request is held upstream.
+    rig.script.hold();
+    rig.script.then(Step::Reply(201, json!({"row": 1})));
+    let runtime = Arc::clone(&rig.runtime);
+    let worker = tokio::spawn(async move { dlq::redrive_due(&runtime).await });
+    until(|| rig.script.hits() == 3).await;
+    assert!(rig.runtime.redrive.is_running(sending));
+
+    let app = router(AppState::new(
+        Arc::clone(&rig.runtime),
+        None,
+        Arc::new(claygate::health::Probes::default()),
+        None,
+    ));
+    let answer = |request: http::Request<Body>| {
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get(http::header::RETRY_AFTER).cloned();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .expect("a body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (status, retry_after, body)
+        }
+    };
+    let delete = || {
+        http::Request::delete(format!("/v1/dlq/{sending}"))
+            .body(Body::empty())
+            .expect("a request")
+    };
+    let (status, retry_after, body) = answer(delete()).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("dlq_busy")), "{body}");
+    assert!(retry_after.is_some(), "says when to try again");
+
+    let purge = http::Request::post("/v1/dlq/purge")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"operation": "push_row"}"#))
+        .expect("a request");
+    let (status, _, body) = answer(purge).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"purged": 1, "skipped": 1}));
+    assert_eq!(rig.runtime.store.dlq_get(other).await.expect("read"), None);
+    assert_eq!(rig.entry(sending).await.state, DlqState::Pending);
+
+    // A retry of the original call while the redrive is in flight.
+    let dup = rig.invoke("push_row", row("t1", 1)).await;
+    assert!(
+        matches!(dup.answer, Answer::Queued { dlq_id, .. } if dlq_id == sending),
+        "the key still holds: {dup:?}"
+    );
+    assert_eq!(rig.script.hits(), 3, "not sent beside the redrive");
+
+    rig.script.release(1);
+    let report = worker.await.expect("the pass ends");
+    assert_eq!(report.delivered, 1, "{report:?}");
+    assert_eq!(rig.script.delivered_per_key().values().max(), Some(&1));
+    let (status, _, _) = answer(delete()).await;
+    assert_eq!(status, 204, "deleted once the redrive is done");
 }

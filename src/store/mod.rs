@@ -28,16 +28,18 @@
 //!   whose lease ran out (and was taken over) changes nothing;
 //! * a **queued** or **parked** record belongs to its dead letter (`dlq_id`):
 //!   the dead letter's own transitions ([`Store::dlq_update`],
-//!   [`Store::dlq_requeue`], [`Store::dlq_delete`], [`Store::dlq_purge`])
-//!   change it, in the same transaction as the dead letter, so a new call
-//!   that reused the key after it expired is never touched.
+//!   [`Store::dlq_requeue`], [`Store::dlq_delete`], [`Store::dlq_purge`],
+//!   [`Store::dlq_sweep`]) change it, in the same transaction as the dead
+//!   letter, so a new call that reused the key after it expired is never
+//!   touched.
 //!
 //! The record mirrors its dead letter: `queued` while the entry is pending
 //! (and it does not expire meanwhile, so a duplicate never runs the work a
 //! second time alongside the redrive), `completed` with the delivering
 //! answer (or a permanent upstream answer), `parked` while the entry is
-//! parked, and gone when the entry is deleted or purged (the work is gone;
-//! a retry may run afresh).
+//! parked (without expiry too: it lasts as long as the entry), and gone
+//! when the entry is deleted, purged or swept (the work is gone; a retry
+//! may run afresh).
 
 pub mod sqlite;
 
@@ -427,6 +429,15 @@ pub struct DueEntries {
     pub unreadable: Vec<UnreadableDeadLetter>,
 }
 
+/// What [`Store::dlq_purge`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DlqPurged {
+    /// Entries deleted.
+    pub deleted: u64,
+    /// Matching entries left alone because the caller excepted them.
+    pub skipped: u64,
+}
+
 /// How many dead letters one operation has in one state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DlqCount {
@@ -591,9 +602,15 @@ pub trait Store: Send + Sync + 'static {
     /// (the work is gone: a retry may run afresh); answers whether it existed.
     fn dlq_delete(&self, id: i64) -> BoxFuture<'_, StoreResult<bool>>;
 
-    /// Deletes every matching entry (pending ones too), and their queued or
-    /// parked idempotency records; answers how many entries.
-    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>>;
+    /// Deletes every matching entry (pending ones too) but those in
+    /// `except` (entries being sent now), and their queued or parked
+    /// idempotency records; answers how many entries it deleted and how
+    /// many matching ones it left for being in `except`.
+    fn dlq_purge<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        except: &'a [i64],
+    ) -> BoxFuture<'a, StoreResult<DlqPurged>>;
 
     /// Entry counts by operation and state.
     fn dlq_counts(&self) -> BoxFuture<'_, StoreResult<Vec<DlqCount>>>;

@@ -61,7 +61,8 @@ use sqlx::{ConnectOptions, Connection, Executor, Row, Sqlite};
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
 use super::{
-    CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqState, DlqUpdate,
+    CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqPurged, DlqState,
+    DlqUpdate,
     DueEntries, IdempotencyRecord, IdempotencyState, NewDeadLetter, PageRequest, Store, StoreError,
     StoreResult, StoredResponse, UnreadableDeadLetter,
 };
@@ -194,13 +195,14 @@ const IDEM_REQUEUE: &str = concat!(
     dlq_filter!(),
     " AND (state <> 'delivered' OR ?3 = 'delivered') AND idempotency_key IS NOT NULL)"
 );
-/// Records held (queued or parked) by the entries a purge deletes.
+/// Records held (queued or parked) by the entries a purge deletes (`?5`:
+/// a JSON array of ids it leaves alone).
 const IDEM_OF_PURGED: &str = concat!(
     "DELETE FROM idempotency WHERE state IN ('queued', 'parked') \
        AND (operation, key, dlq_id) IN (SELECT operation, idempotency_key, id FROM dlq \
          WHERE id > ?1 AND ",
     dlq_filter!(),
-    " AND idempotency_key IS NOT NULL)"
+    " AND id NOT IN (SELECT value FROM json_each(?5)) AND idempotency_key IS NOT NULL)"
 );
 /// The record held (queued or parked) by entry `?1`.
 const IDEM_OF_DELETED: &str = "DELETE FROM idempotency WHERE state IN ('queued', 'parked') \
@@ -283,7 +285,17 @@ const DLQ_PARK_UNREADABLE: &str = "UPDATE dlq SET state = 'parked', \
      error_code = 'unreadable_record', error_message = ?2, last_attempt_at = ?3, \
      delivered_status = NULL, expires_at = NULL WHERE id = ?1 AND state = 'pending'";
 const DLQ_DELETE: &str = "DELETE FROM dlq WHERE id = ?1";
-const DLQ_PURGE: &str = concat!("DELETE FROM dlq WHERE id > ?1 AND ", dlq_filter!());
+const DLQ_PURGE: &str = concat!(
+    "DELETE FROM dlq WHERE id > ?1 AND ",
+    dlq_filter!(),
+    " AND id NOT IN (SELECT value FROM json_each(?5))"
+);
+/// Matching entries a purge leaves alone (`?5`, as in [`DLQ_PURGE`]).
+const DLQ_PURGE_SKIPPED: &str = concat!(
+    "SELECT COUNT(*) FROM dlq WHERE id > ?1 AND ",
+    dlq_filter!(),
+    " AND id IN (SELECT value FROM json_each(?5))"
+);
 const DLQ_COUNTS: &str = "SELECT operation, state, COUNT(*) AS n FROM dlq \
      GROUP BY operation, state ORDER BY operation, state";
 const DLQ_SWEEP: &str =
@@ -1056,29 +1068,53 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>> {
+    fn dlq_purge<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        except: &'a [i64],
+    ) -> BoxFuture<'a, StoreResult<DlqPurged>> {
         const OP: &str = "dlq_purge";
         let filter = filter.clone();
+        // A JSON array of integers: `Vec<i64>` always serializes.
+        let except = serde_json::to_string(except).unwrap_or_else(|_| "[]".to_owned());
         Box::pin(self.write_steps(OP, move |conn| {
             Box::pin(async move {
                 let state = filter.state.map(DlqState::as_str);
+                let skipped: i64 = if except == "[]" {
+                    0
+                } else {
+                    sqlx::query_scalar(DLQ_PURGE_SKIPPED)
+                        .bind(i64::MIN)
+                        .bind(filter.operation.as_deref())
+                        .bind(state)
+                        .bind(filter.error_code.as_deref())
+                        .bind(except.as_str())
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(|e| query_error(OP, &e))?
+                };
                 sqlx::query(IDEM_OF_PURGED)
                     .bind(i64::MIN)
                     .bind(filter.operation.as_deref())
                     .bind(state)
                     .bind(filter.error_code.as_deref())
+                    .bind(except.as_str())
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| query_error(OP, &e))?;
                 let done = sqlx::query(DLQ_PURGE)
                     .bind(i64::MIN)
-                    .bind(filter.operation)
+                    .bind(filter.operation.as_deref())
                     .bind(state)
-                    .bind(filter.error_code)
+                    .bind(filter.error_code.as_deref())
+                    .bind(except.as_str())
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| query_error(OP, &e))?;
-                Ok(done.rows_affected())
+                Ok(DlqPurged {
+                    deleted: done.rows_affected(),
+                    skipped: u64::try_from(skipped).unwrap_or(0),
+                })
             })
         }))
     }
@@ -2311,7 +2347,7 @@ mod tests {
             error_code: Some("y".into()),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_purge(&by_code).await.unwrap(), 1);
+        assert_eq!(store.dlq_purge(&by_code, &[]).await.unwrap().deleted, 1);
         assert_eq!(state_of(&store, "op", "q").await, None);
 
         // Day 3: the delivered answer's key expired and a new call (other
@@ -3028,19 +3064,44 @@ mod tests {
             state: Some(DlqState::Parked),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_purge(&filter).await.unwrap(), 0);
-        store.dlq_insert(letter("c", 1)).await.unwrap();
+        assert_eq!(
+            store.dlq_purge(&filter, &[]).await.unwrap(),
+            DlqPurged::default()
+        );
+        let c1 = store.dlq_insert(letter("c", 1)).await.unwrap();
         let b_only = DlqFilter {
             operation: Some("b".into()),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_purge(&b_only).await.unwrap(), 1);
+        // Excepted entries stay; only matching ones count as skipped.
+        assert_eq!(
+            store.dlq_purge(&b_only, &[b1, c1, 999]).await.unwrap(),
+            DlqPurged {
+                deleted: 0,
+                skipped: 1
+            }
+        );
+        assert!(store.dlq_get(b1).await.unwrap().is_some());
+        assert_eq!(
+            store.dlq_purge(&b_only, &[c1]).await.unwrap(),
+            DlqPurged {
+                deleted: 1,
+                skipped: 0
+            }
+        );
         assert_eq!(store.dlq_get(b1).await.unwrap(), None);
         assert_eq!(
             store.dlq_counts().await.unwrap(),
             vec![count("c", DlqState::Pending, 1)]
         );
-        assert_eq!(store.dlq_purge(&DlqFilter::default()).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .dlq_purge(&DlqFilter::default(), &[])
+                .await
+                .unwrap()
+                .deleted,
+            1
+        );
         assert!(store.dlq_counts().await.unwrap().is_empty());
         store.close().await.unwrap();
     }
@@ -3157,7 +3218,7 @@ mod tests {
         assert_eq!(store.dlq_update(id, update).await.map(drop), closed);
         assert_eq!(store.dlq_requeue(&filter, 1).await.map(drop), closed);
         assert_eq!(store.dlq_delete(id).await.map(drop), closed);
-        assert_eq!(store.dlq_purge(&filter).await.map(drop), closed);
+        assert_eq!(store.dlq_purge(&filter, &[]).await.map(drop), closed);
         assert_eq!(store.dlq_counts().await.map(drop), closed);
         assert_eq!(store.dlq_sweep(1).await.map(drop), closed);
         assert_eq!(store.flush().await, closed);
