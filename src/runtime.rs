@@ -150,7 +150,9 @@ pub enum InvokeError {
     /// The call's task ended without an answer (a bug; reported, not hidden).
     #[error("the call ended without an answer: {0}")]
     Internal(String),
-    /// The runtime is draining for shutdown and takes no new calls.
+    /// The runtime is draining for shutdown and takes no new calls; also
+    /// the answer of a call the drain ended while it waited, with nothing
+    /// sent, on another process's claim of its key.
     #[error("claygate is shutting down and takes no new calls")]
     Draining,
     /// The earlier call with this idempotency key was dead-lettered and its
@@ -644,7 +646,9 @@ impl Runtime {
                 match self.on_record(pipeline, key, fingerprint, record, started, now) {
                     Found::Answer(invoked) => return invoked,
                     Found::Wait(wait) => {
-                        tokio::time::sleep(wait).await;
+                        if !self.pause(wait).await {
+                            return interrupted_waiting(pipeline, started);
+                        }
                         continue;
                     }
                 }
@@ -675,10 +679,25 @@ impl Runtime {
                 Ok(Claim::Existing(record)) => {
                     match self.on_record(pipeline, key, fingerprint, record, started, now) {
                         Found::Answer(invoked) => return invoked,
-                        Found::Wait(wait) => tokio::time::sleep(wait).await,
+                        Found::Wait(wait) => {
+                            if !self.pause(wait).await {
+                                return interrupted_waiting(pipeline, started);
+                            }
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Sleeps `wait`, unless the drain's interrupt comes first (false): a
+    /// call waiting on another process's claim (whose lease may run 60 s or
+    /// more) must not hold a shutdown past its drain timeout.
+    async fn pause(&self, wait: Duration) -> bool {
+        let mut interrupt = self.interrupt.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            _ = interrupt.wait_for(|stop| *stop) => false,
         }
     }
 
@@ -1128,6 +1147,18 @@ fn replayed(
             replayed: true,
         }),
     }
+}
+
+/// The answer of a call the drain ended while it waited on another
+/// process's claim of its key: nothing was sent and nothing is kept (the
+/// key is that claim's), so the caller hears `draining` and may retry.
+fn interrupted_waiting(pipeline: &Pipeline, started: tokio::time::Instant) -> Invoked {
+    refused(
+        &pipeline.name,
+        started,
+        Some(pipeline.breaker.state()),
+        InvokeError::Draining,
+    )
 }
 
 fn with_meta(mut invoked: Invoked, meta: IdempotencyMeta) -> Invoked {

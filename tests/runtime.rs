@@ -645,6 +645,66 @@ async fn a_call_admitted_before_the_drain_is_waited_for_and_dead_lettered() {
     assert_eq!(rig.script.hits(), 1);
 }
 
+/// Round 2, item 7: a call waiting on a claim left by a crashed process
+/// (lease 60s here) ends when the drain interrupts, answering `draining`
+/// with nothing sent, instead of holding the shutdown until the lease
+/// lapses.
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_on_a_crashed_claim_does_not_outlast_the_drain() {
+    let (rig, _spy) = spied().await;
+    let params = json!({"id": "r9"});
+    let key = "caller-key-9";
+    let fingerprint = claygate::pipeline::idempotency::fingerprint(&params);
+    let now = rig.runtime.clock.now();
+    let claim = crate::support::dlq::inhibited(rig.store.idempotency_claim(
+        "push",
+        key,
+        &fingerprint,
+        now,
+        now + 60_000,
+        now + 3_600_000,
+    ))
+    .await
+    .expect("claim");
+    assert!(matches!(claim, Claim::Claimed(_)), "{claim:?}");
+    let request = InvokeRequest {
+        params,
+        idempotency_key: Some(key.into()),
+        priority: None,
+    };
+    let runtime = Arc::clone(&rig.runtime);
+    let mut waiting = Box::pin(runtime.invoke("push", request));
+    let started = tokio::time::Instant::now();
+    assert!(poll_once(&mut waiting).await, "still running");
+    assert_eq!(rig.runtime.active_calls(), 1, "admitted on its first poll");
+
+    let drained = rig.runtime.drain(Duration::from_secs(1)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            finished: 0,
+            interrupted: 1
+        }
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain ended at its timeout, not the lease's end: {:?}",
+        started.elapsed()
+    );
+    let invoked = waiting.await;
+    assert_eq!(error_code(&invoked), "draining");
+    assert_eq!(invoked.attempts, 0);
+    assert_eq!(rig.script.hits(), 0, "nothing sent");
+    let record = crate::support::dlq::inhibited(rig.store.idempotency_get("push", key))
+        .await
+        .expect("read")
+        .expect("kept");
+    assert!(
+        matches!(record.state, IdempotencyState::InFlight { .. }),
+        "the crashed claim is left as it was: {record:?}"
+    );
+}
+
 /// Review finding 16: once a drain has begun, a call is refused at
 /// admission (`draining`), in `invoke` and `invoke_here` alike.
 #[tokio::test(start_paused = true)]
