@@ -62,9 +62,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
 use super::{
     CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqPurged, DlqState,
-    DlqUpdate,
-    DueEntries, IdempotencyRecord, IdempotencyState, NewDeadLetter, PageRequest, Store, StoreError,
-    StoreResult, StoredResponse, UnreadableDeadLetter,
+    DlqUpdate, DueEntries, IdempotencyRecord, IdempotencyState, NewDeadLetter, PageRequest, Store,
+    StoreError, StoreResult, StoredResponse, UnreadableDeadLetter,
 };
 use crate::clock::UnixMillis;
 
@@ -2419,7 +2418,10 @@ mod tests {
         let mut entry = letter("op", 1);
         entry.idempotency_key = Some("k".into());
         let id = store.dlq_insert_holding(entry, Some(&token)).await.unwrap();
-        store.dlq_update(id, parked(10, "x", 900_000)).await.unwrap();
+        store
+            .dlq_update(id, parked(10, "x", 900_000))
+            .await
+            .unwrap();
 
         // Long past the key's ttl, before the entry's retention ends.
         assert_eq!(store.idempotency_sweep(899_999).await.unwrap(), 0);

@@ -22,8 +22,7 @@ use claygate::clock::UnixMillis;
 use claygate::store::sqlite::SqliteStore;
 use claygate::store::{
     CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqPurged, DlqUpdate,
-    DueEntries,
-    IdempotencyRecord, NewDeadLetter, PageRequest, Store, StoreResult, StoredResponse,
+    DueEntries, IdempotencyRecord, NewDeadLetter, PageRequest, Store, StoreResult, StoredResponse,
 };
 use futures_util::future::BoxFuture;
 
