@@ -803,23 +803,88 @@ async fn the_memory_cache_gets_the_policys_byte_budget() {
     assert!(fallback.memory.bytes() <= 4096);
 }
 
+/// Round 2, item 4: only values the environment gave are scrubbed. A
+/// literal header (`X-Api-Version: 2024`), the text around a template's
+/// placeholder (`Bearer {{ params.token }}`) and an empty variable (the
+/// bundled policy's `Bearer ${env:CLAY_API_KEY:-}` without the key) are no
+/// secrets: an error body holding them is answered and stored byte for
+/// byte, not turned into invalid JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_without_secrets_are_answered_as_they_came() {
+    const ECHO: &str =
+        r#"{"id":120245,"error":"Bearer token rejected for api version 2024","token":"tok-0123"}"#;
+    let fake = FakeUpstream::start().await;
+    fake.then([Behavior::status(404, ECHO)]);
+    let text = format!(
+        "version: 1
+upstreams:
+  clay:
+    base_url: \"{}\"
+    headers: {{ Authorization: \"Bearer ${{env:TEST_UNSET_KEY:-}}\", X-Api-Version: \"2024\" }}
+timeouts: {{ request: 2s }}
+operations:
+  lookup:
+    upstream: clay
+    request: {{ method: POST, path: /v1/lookup, headers: {{ Proxy-Authorization: \"Bearer {{{{ params.token }}}}\" }}, body: {{ id: \"{{{{ params.id }}}}\" }} }}
+    retry: {{ max_attempts: 1 }}
+    idempotency: {{ key: [id] }}
+",
+        fake.url()
+    );
+    let loaded = claygate::policy::load_str(
+        "plain.yaml",
+        &text,
+        claygate::policy::LoadOptions::default(),
+    );
+    let set = loaded
+        .set
+        .unwrap_or_else(|| panic!("{:#?}", loaded.diagnostics));
+    let options = claygate::compile::CompileOptions {
+        env: Box::new(|_| None),
+        transport: None,
+    };
+    let compiled = claygate::compile::compile_with(&set, None, &options).expect("compiles");
+    let dir = tempdir();
+    let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
+    let runtime = Runtime::new(compiled, store.clone() as Arc<dyn Store>, Clock::new());
+
+    let body_of = |invoked: &Invoked| match &invoked.answer {
+        Answer::Failed(InvokeError::Failure(claygate::pipeline::Failure::Status(reply))) => {
+            assert_eq!(reply.status.as_u16(), 404);
+            String::from_utf8_lossy(&reply.body).into_owned()
+        }
+        other => panic!("expected the upstream's 404, got {other:?}"),
+    };
+    let request = || call(json!({"id": "120245", "token": "tok-0123"}));
+    let first = runtime.invoke("lookup", request()).await;
+    assert_eq!(body_of(&first), ECHO);
+    assert_eq!(fake.seen()[0].headers["x-api-version"], "2024");
+    let again = runtime.invoke("lookup", request()).await;
+    assert!(replayed(&again), "the 404 is stored for replay");
+    assert_eq!(body_of(&again), ECHO, "stored as it came");
+    assert_eq!(fake.hits(), 1);
+    store.close().await.expect("close");
+}
+
 /// Review finding 17: an upstream that echoes its `Authorization` header
 /// (or an operation header) in an error body must not leak it into the
-/// answer, the stored replay, or a dead letter's stored answer.
+/// answer, the stored replay, or a dead letter's stored answer. Round 2,
+/// item 3: nor a key in its base URL's query, echoed with the URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_echoed_in_upstream_errors_are_scrubbed() {
     const KEY: &str = "sk-live-0123456789abcdef";
     const OP_SECRET: &str = "op-header-secret-42";
+    const QUERY_KEY: &str = "query-key-9876543210";
     let fake = FakeUpstream::start().await;
     let echo = format!(
-        "{{\"error\":\"bad credentials\",\"authorization\":\"Bearer {KEY}\",\"token\":\"{KEY}\",\"x-op-key\":\"{OP_SECRET}\"}}"
+        "{{\"error\":\"bad credentials\",\"authorization\":\"Bearer {KEY}\",\"token\":\"{KEY}\",\"x-op-key\":\"{OP_SECRET}\",\"url\":\"/v1/lookup?api_key={QUERY_KEY}\"}}"
     );
     fake.then([Behavior::status(401, &echo)]);
     let text = format!(
         "version: 1
 upstreams:
   clay:
-    base_url: \"{}\"
+    base_url: \"{}?api_key=${{env:TEST_QUERY_KEY}}\"
     headers: {{ Authorization: \"Bearer ${{env:TEST_CLAY_KEY}}\" }}
 timeouts: {{ request: 2s }}
 operations:
@@ -845,6 +910,7 @@ operations:
         env: Box::new(|name| match name {
             "TEST_CLAY_KEY" => Some(KEY.into()),
             "TEST_OP_KEY" => Some(OP_SECRET.into()),
+            "TEST_QUERY_KEY" => Some(QUERY_KEY.into()),
             _ => None,
         }),
         transport: None,
@@ -859,6 +925,7 @@ operations:
             let body = String::from_utf8_lossy(&reply.body).into_owned();
             assert!(!body.contains(KEY), "{body}");
             assert!(!body.contains(OP_SECRET), "{body}");
+            assert!(!body.contains(QUERY_KEY), "{body}");
             assert!(body.contains("bad credentials"), "the rest stays: {body}");
             assert!(body.contains("[redacted]"), "{body}");
             reply.status.as_u16()
@@ -871,6 +938,13 @@ operations:
     let seen = fake.seen();
     assert_eq!(seen[0].headers["authorization"], format!("Bearer {KEY}"));
     assert_eq!(seen[0].headers["x-op-key"], OP_SECRET);
+    assert!(
+        seen[0]
+            .path_and_query
+            .ends_with(&format!("?api_key={QUERY_KEY}")),
+        "{}",
+        seen[0].path_and_query
+    );
 
     // The stored replay of the 401 is the scrubbed one.
     let again = runtime.invoke("lookup", call(json!({"id": "7"}))).await;
@@ -881,7 +955,10 @@ operations:
         Some(record) => match record.state {
             IdempotencyState::Completed(r) => {
                 let body = String::from_utf8_lossy(&r.body).into_owned();
-                assert!(!body.contains(KEY) && !body.contains(OP_SECRET), "{body}");
+                assert!(
+                    !body.contains(KEY) && !body.contains(OP_SECRET) && !body.contains(QUERY_KEY),
+                    "{body}"
+                );
             }
             other => panic!("expected a completed record, got {other:?}"),
         },
