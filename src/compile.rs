@@ -35,6 +35,7 @@ use crate::policy::PolicySet;
 use crate::policy::effective::{EffectiveBreaker, EffectiveRetry};
 use crate::policy::model::{Priority, Upstream};
 use crate::policy::template::EnvString;
+use crate::scrub::Secrets;
 
 /// Largest response body when an upstream does not say (8 MiB).
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -170,9 +171,18 @@ pub fn compile_plan(
         // Operation headers may hold `${env:…}` (secrets) as well as `{{ params }}`.
         let mut template = op.request.clone();
         let mut header_errors = Vec::new();
+        let mut secret_values = Vec::new();
         for (header, value) in &mut template.headers {
-            match expand(value, &format!("{place}, header {header}"), options) {
-                Ok(expanded) => *value = expanded,
+            let here = format!("{place}, header {header}");
+            match expand_collecting(value, &here, options, &mut secret_values) {
+                Ok(expanded) => {
+                    // A credential written into the policy is a secret too;
+                    // one filled from params is the caller's own.
+                    if crate::scrub::is_credential_header(header) && !expanded.contains("{{") {
+                        secret_values.push(expanded.clone());
+                    }
+                    *value = expanded;
+                }
                 Err(e) => header_errors.push(e),
             }
         }
@@ -282,6 +292,7 @@ pub fn compile_plan(
         let attempt_timeout = attempt_timeout.to_std();
         let pipeline = Pipeline {
             name: name.clone(),
+            secrets: upstream.secrets.merge(&Secrets::new(secret_values)),
             upstream: Arc::clone(upstream),
             request,
             priority: op
@@ -428,16 +439,35 @@ fn breaker_failure_on(
 }
 
 fn expand(text: &str, place: &str, options: &CompileOptions) -> Result<String, CompileError> {
+    expand_collecting(text, place, options, &mut Vec::new())
+}
+
+/// [`expand`], adding the values the environment gave to `found` (where
+/// secrets live: see [`crate::scrub`]). Defaults are policy text, not
+/// secrets.
+fn expand_collecting(
+    text: &str,
+    place: &str,
+    options: &CompileOptions,
+    found: &mut Vec<String>,
+) -> Result<String, CompileError> {
     let parsed = EnvString::parse(text).map_err(|e| CompileError::Invalid {
         place: place.to_owned(),
         reason: e.message,
     })?;
-    parsed
-        .expand(|name| (options.env)(name))
-        .map_err(|e| CompileError::UnsetVariable {
-            place: place.to_owned(),
-            variable: e.0,
-        })
+    let given = std::cell::RefCell::new(Vec::new());
+    let expanded = parsed.expand(|name| {
+        let value = (options.env)(name);
+        if let Some(v) = value.as_ref().filter(|v| !v.is_empty()) {
+            given.borrow_mut().push(v.clone());
+        }
+        value
+    });
+    found.append(&mut given.into_inner());
+    expanded.map_err(|e| CompileError::UnsetVariable {
+        place: place.to_owned(),
+        variable: e.0,
+    })
 }
 
 fn build_upstream(
@@ -450,7 +480,13 @@ fn build_upstream(
 ) -> Result<(UpstreamRuntime, CarriedOver), Vec<CompileError>> {
     let mut errors = Vec::new();
     let place = format!("upstream {name}");
-    let base_url = match expand(&upstream.base_url, &format!("{place}, base_url"), options) {
+    let mut secret_values = Vec::new();
+    let base_url = match expand_collecting(
+        &upstream.base_url,
+        &format!("{place}, base_url"),
+        options,
+        &mut secret_values,
+    ) {
         Ok(text) => match url::Url::parse(&text) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
             _ => {
@@ -469,12 +505,16 @@ fn build_upstream(
     let mut headers = HeaderMap::new();
     for (header, value) in &upstream.headers {
         let here = format!("{place}, header {header}");
-        match expand(value, &here, options) {
+        match expand_collecting(value, &here, options, &mut secret_values) {
             Ok(text) => match (
                 HeaderName::try_from(header.as_str()),
                 HeaderValue::try_from(text),
             ) {
                 (Ok(n), Ok(mut v)) => {
+                    // A credential written into the policy is a secret too.
+                    if crate::scrub::is_credential_header(header) {
+                        secret_values.extend(v.to_str().ok().map(str::to_owned));
+                    }
                     v.set_sensitive(true);
                     headers.insert(n, v);
                 }
@@ -489,6 +529,12 @@ fn build_upstream(
     let Some(base_url) = base_url.filter(|_| errors.is_empty()) else {
         return Err(errors);
     };
+    // A URL's password is a credential whatever wrote it.
+    let secrets = Secrets::new(
+        secret_values
+            .into_iter()
+            .chain(base_url.password().map(str::to_owned)),
+    );
     let http = HttpConfig {
         base_url,
         headers,
@@ -555,6 +601,7 @@ fn build_upstream(
         UpstreamRuntime {
             name: name.to_owned(),
             http,
+            secrets,
             transport,
             bulkhead,
             limiter,

@@ -38,15 +38,17 @@
 //!   ([`replay_one`], [`replay_matching`], or a delete). Parking raises an
 //!   alert (see [`RedriveState`] for the counters). The entry's idempotency
 //!   record becomes `parked`, so a duplicate of the original call hears
-//!   `dead_lettered_parked` (naming the entry) instead of "queued"; a
-//!   permanent upstream answer is stored as the record's answer instead. A
+//!   `dead_lettered_parked` (naming the entry) instead of "queued", for as
+//!   long as the entry is kept (not the key's `ttl`: a duplicate must not
+//!   run the work beside a later replay); a permanent upstream answer is
+//!   stored as the record's answer instead, replayed for the `ttl`. A
 //!   due row that cannot be read back is parked too (`unreadable_record`,
 //!   no expiry), so it cannot block the queue; listings show it as a stub.
 //! * **Retention.** Delivered and parked entries are kept for `retention`
 //!   (default 14 days), then removed by the worker's sweep. Pending entries
-//!   are never swept. Deleting or purging an entry drops its queued or
-//!   parked idempotency record: the work is gone, and a retry may run it
-//!   afresh.
+//!   are never swept. Deleting, purging or sweeping an entry drops its
+//!   queued or parked idempotency record: the work is gone, and a retry may
+//!   run it afresh.
 //!
 //! # Waiting on the breaker
 //!
@@ -88,7 +90,12 @@
 //! [`RedriveState`]: the worker skips it and [`replay_one`] answers
 //! [`ReplayError::Busy`]. The mark is process-local; the store's state is
 //! re-read after the mark is taken, so an entry delivered or deleted in the
-//! meantime is not sent again.
+//! meantime is not sent again. Deleting and purging respect the mark too:
+//! deleting an entry that is being sent would free its key while its
+//! request is in flight, and a retry of the original call would then send
+//! the work a second time. [`delete_one`] takes the mark itself (answering
+//! [`DeleteError::Busy`] when it is taken); [`purge`] leaves marked entries
+//! alone and says how many, and while it runs no new mark is given.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,7 +258,7 @@ const MAX_BATCH: u32 = 1000;
 #[derive(Debug, Default)]
 pub struct RedriveState {
     wake: Notify,
-    running: Mutex<HashSet<i64>>,
+    running: Mutex<Marks>,
     /// Per operation: the earliest time the next redrive may be sent.
     pacers: Mutex<HashMap<String, Instant>>,
     delivered: AtomicU64,
@@ -278,7 +285,7 @@ impl RedriveState {
 
     /// Whether entry `id` is being redriven or replayed in this process now.
     pub fn is_running(&self, id: i64) -> bool {
-        lock(&self.running).contains(&id)
+        lock(&self.running).ids.contains(&id)
     }
 
     /// Entries delivered by redrive or replay since start.
@@ -323,12 +330,25 @@ impl RedriveState {
         }
     }
 
-    /// Marks `id` as running; `None` when it already is.
+    /// Marks `id` as running; `None` when it already is, or while a purge
+    /// runs.
     fn claim(&self, id: i64) -> Option<Running<'_>> {
         // The guard must be gone before a `Running` exists: dropping one
         // takes the lock again.
-        let inserted = lock(&self.running).insert(id);
+        let inserted = {
+            let mut marks = lock(&self.running);
+            marks.fences == 0 && marks.ids.insert(id)
+        };
         inserted.then(|| Running { state: self, id })
+    }
+
+    /// Stops new marks until the fence is dropped; answers it with the
+    /// entries marked now (in one step, so no entry is sent unseen).
+    fn fence(&self) -> (Fence<'_>, Vec<i64>) {
+        let mut marks = lock(&self.running);
+        marks.fences += 1;
+        let running = marks.ids.iter().copied().collect();
+        (Fence { state: self }, running)
     }
 
     /// Reserves the next send slot of `operation` at `rate` per second and
@@ -463,7 +483,25 @@ struct Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        lock(&self.state.running).remove(&self.id);
+        lock(&self.state.running).ids.remove(&self.id);
+    }
+}
+
+/// The entries marked as running, and the purges that hold new marks off.
+#[derive(Debug, Default)]
+struct Marks {
+    ids: HashSet<i64>,
+    fences: usize,
+}
+
+/// A purge in progress: no entry is marked as running until it is dropped.
+struct Fence<'a> {
+    state: &'a RedriveState,
+}
+
+impl Drop for Fence<'_> {
+    fn drop(&mut self) {
+        lock(&self.state.running).fences -= 1;
     }
 }
 
@@ -783,7 +821,7 @@ async fn redrive_entry(
     let now = runtime.clock.now();
     let retention_end = now.saturating_add(millis(config.retention));
     // The key's record replays an answer for the key's ttl; a parked record
-    // (no answer) lives no longer than its entry.
+    // (no answer) lives exactly as long as its entry (see `DlqUpdate::Parked`).
     let key_end = now.saturating_add(millis(pipeline.idempotency.ttl));
     let failure = match result {
         Ok(reply) => {
@@ -839,11 +877,6 @@ async fn redrive_entry(
         (Failure::Status(reply), true) => Some(crate::runtime::stored(reply)),
         _ => None,
     };
-    let parked_key_end = if answer.is_some() {
-        key_end
-    } else {
-        key_end.min(retention_end)
-    };
     // This redrive's number (1 is the first); `max_attempts` redrives in all.
     let number = entry.redrive_attempts.saturating_add(1);
     if entry.state == DlqState::Parked {
@@ -855,7 +888,7 @@ async fn redrive_entry(
             error_message,
             expires_at: retention_end,
             answer,
-            key_expires_at: parked_key_end,
+            key_expires_at: key_end,
         };
         let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
             return Ok(Done::Gone);
@@ -899,7 +932,7 @@ async fn redrive_entry(
         error_message,
         expires_at: retention_end,
         answer,
-        key_expires_at: parked_key_end,
+        key_expires_at: key_end,
     };
     let Some(updated) = runtime.store.dlq_update(entry.id, update).await? else {
         return Ok(Done::Gone);
@@ -1119,6 +1152,71 @@ pub async fn replay_matching(runtime: &Runtime, filter: &DlqFilter) -> StoreResu
     Ok(count)
 }
 
+/// Why [`delete_one`] did not delete an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeleteError {
+    /// No dead letter has this id (never, or deleted or swept).
+    #[error("no dead letter with id {0}")]
+    NotFound(i64),
+    /// The worker (or a replay) is sending the entry now: deleting it would
+    /// free its key while its request is in flight.
+    #[error("dead letter {0} is being redriven right now; try again shortly")]
+    Busy(i64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DeleteError {
+    /// The stable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeleteError::NotFound(_) => "dead_letter_not_found",
+            DeleteError::Busy(_) => "dlq_busy",
+            DeleteError::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+/// Deletes entry `id` and its queued or parked idempotency record (the
+/// work is gone: a retry of the original call runs afresh). Refused with
+/// [`DeleteError::Busy`] while the entry is being redriven or replayed; it
+/// holds the entry's mark meanwhile, so no redrive starts during it.
+pub async fn delete_one(runtime: &Runtime, id: i64) -> Result<(), DeleteError> {
+    let Some(_running) = runtime.redrive.claim(id) else {
+        return Err(DeleteError::Busy(id));
+    };
+    if runtime.store.dlq_delete(id).await? {
+        Ok(())
+    } else {
+        Err(DeleteError::NotFound(id))
+    }
+}
+
+/// What [`purge`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PurgeReport {
+    /// Entries deleted, with their queued or parked idempotency records.
+    pub purged: u64,
+    /// Matching entries left alone because they were being redriven or
+    /// replayed at that moment; a later purge deletes them.
+    pub skipped: u64,
+}
+
+/// Deletes every entry matching `filter` (pending ones too) and their
+/// queued or parked idempotency records, except entries being redriven or
+/// replayed now (their keys must hold while their requests are in flight):
+/// those are counted in [`PurgeReport::skipped`]. No redrive or replay
+/// starts while it runs.
+pub async fn purge(runtime: &Runtime, filter: &DlqFilter) -> StoreResult<PurgeReport> {
+    let (_fence, running) = runtime.redrive.fence();
+    let done = runtime.store.dlq_purge(filter, &running).await?;
+    Ok(PurgeReport {
+        purged: done.deleted,
+        skipped: done.skipped,
+    })
+}
+
 /// Removes what has expired: delivered and parked dead letters past their
 /// retention, idempotency records past their ttl, per operation with a
 /// fallback cache, entries older than `very_stale` and beyond `max_entries`,
@@ -1276,6 +1374,23 @@ mod tests {
         assert!(state.is_running(8));
         drop(other);
         assert!(state.claim(7).is_some());
+    }
+
+    /// Round 2, item 5: a purge sees every entry marked before it, and no
+    /// entry is marked while it runs.
+    #[test]
+    fn a_fence_names_the_running_entries_and_holds_new_marks_off() {
+        let state = RedriveState::default();
+        let running = state.claim(7).expect("free");
+        let (fence, marked) = state.fence();
+        assert_eq!(marked, vec![7]);
+        assert!(state.claim(8).is_none(), "no new mark during a purge");
+        let (second, _) = state.fence();
+        drop(fence);
+        assert!(state.claim(8).is_none(), "one purge still runs");
+        drop(second);
+        drop(running);
+        assert!(state.claim(8).is_some(), "marks again once it is done");
     }
 
     #[tokio::test(start_paused = true)]

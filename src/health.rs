@@ -51,7 +51,7 @@ use crate::compile::Compiled;
 use crate::metrics::{ClassLabels, Metrics, StateLabels, UpstreamLabels};
 use crate::pipeline::breaker::BreakerState;
 use crate::pipeline::compose::{Pipeline, UpstreamRuntime};
-use crate::pipeline::http::{HttpConfig, Rendered};
+use crate::pipeline::http::Rendered;
 use crate::policy::model::{BreakerMode, Method, Probe};
 use crate::runtime::Runtime;
 use crate::store::{DlqCount, DlqState};
@@ -365,36 +365,9 @@ async fn probe_once(upstream: &UpstreamRuntime, probe: &Probe) -> Observed {
     Observed {
         ok,
         status,
-        detail: scrub(&detail, &upstream.http),
+        detail: upstream.secrets.scrub_str(&detail),
         latency,
     }
-}
-
-/// Removes anything secret from a text about `http`'s upstream: the base
-/// URL's credentials and the upstream's header values.
-fn scrub(text: &str, http: &HttpConfig) -> String {
-    let mut out = text.to_owned();
-    let url = &http.base_url;
-    let secrets = [url.password().unwrap_or(""), url.username()]
-        .into_iter()
-        .map(str::to_owned)
-        .chain(
-            http.headers
-                .values()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| {
-                    // `Bearer abc`: the token alone may be echoed too.
-                    std::iter::once(v.to_owned()).chain(v.split_whitespace().map(str::to_owned))
-                }),
-        )
-        .filter(|s| s.len() >= 4)
-        .collect::<Vec<_>>();
-    for secret in secrets {
-        if out.contains(&secret) {
-            out = out.replace(&secret, "[redacted]");
-        }
-    }
-    out
 }
 
 /// Keeps a probe's result, sets `probe_up`, and logs a change of verdict once.
@@ -1092,7 +1065,7 @@ mod tests {
     use super::*;
     use crate::clock::Clock;
     use crate::compile::{CompileOptions, compile_with};
-    use crate::pipeline::http::Transport;
+    use crate::pipeline::http::{HttpConfig, Transport};
     use crate::pipeline::{Failure, Reply};
     use crate::policy::{LoadOptions, UnsetEnv, load_str};
     use crate::store::sqlite::SqliteStore;
@@ -1309,26 +1282,71 @@ operations:
         );
     }
 
-    #[test]
-    fn secrets_are_scrubbed_from_probe_texts() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "authorization",
-            http::HeaderValue::from_static("Bearer sekrit-token"),
+    /// Round 2, items 3 and 4: a probe's detail is scrubbed of what the
+    /// environment put into the upstream (its URL's query, its headers), the
+    /// URL's password and the `Authorization` value, and of nothing else.
+    #[tokio::test]
+    async fn secrets_are_scrubbed_from_probe_texts() {
+        const KEY: &str = "query-key-0123456789";
+        const TOKEN: &str = "sekrit-token";
+        let text = "version: 1
+upstreams:
+  clay:
+    base_url: \"https://bob:hunter22@api.example.com/v1?api_key=${env:T_KEY}\"
+    headers: { Authorization: \"Bearer ${env:T_TOKEN}\", X-Api-Version: \"2024-01-01\" }
+    probe: { method: GET, path: /ping }
+operations:
+  lookup:
+    upstream: clay
+    request: { method: GET, path: /v1/lookup }
+";
+        let loaded = load_str(
+            "secrets.yaml",
+            text,
+            LoadOptions {
+                unset_env: UnsetEnv::Ignore,
+            },
         );
-        let http = HttpConfig {
-            base_url: url::Url::parse("https://bob:hunter22@api.example.com/v1").expect("url"),
-            headers,
-            connect_timeout: Duration::from_secs(1),
-            max_response_bytes: 1024,
+        let set = loaded
+            .set
+            .unwrap_or_else(|| panic!("{:#?}", loaded.diagnostics));
+        struct Echo;
+        impl Transport for Echo {
+            fn send<'a>(
+                &'a self,
+                _: &'a Rendered,
+                _: &'a HeaderMap,
+            ) -> BoxFuture<'a, Result<Reply, Failure>> {
+                Box::pin(async {
+                    Err(Failure::Connect(format!(
+                        "refused: https://bob:hunter22@api.example.com/v1/ping?api_key={KEY} \
+                         with Bearer {TOKEN} (scheme Bearer), version 2024-01-01, user bob"
+                    )))
+                })
+            }
+        }
+        let options = CompileOptions {
+            env: Box::new(|name| match name {
+                "T_KEY" => Some(KEY.into()),
+                "T_TOKEN" => Some(TOKEN.into()),
+                _ => None,
+            }),
+            transport: Some(Box::new(|_: &HttpConfig| {
+                Arc::new(Echo) as Arc<dyn Transport>
+            })),
         };
-        let text = scrub("got sekrit-token and hunter22 from bob", &http);
-        assert!(
-            !text.contains("sekrit-token") && !text.contains("hunter22"),
-            "{text}"
-        );
-        // Too short to be a secret worth hiding, and hiding it would mangle texts.
-        assert!(text.contains("bob"), "{text}");
+        let compiled = compile_with(&set, None, &options).expect("compiles");
+        let upstream = &compiled.upstreams["clay"];
+        let probe = set.upstreams["clay"].probe.clone().expect("a probe");
+        let seen = probe_once(upstream, &probe).await;
+        let detail = seen.detail;
+        for secret in [KEY, TOKEN, "hunter22"] {
+            assert!(!detail.contains(secret), "{detail}");
+        }
+        // Policy text and short values are left alone.
+        for kept in ["2024-01-01", "scheme Bearer", "user bob", "api_key="] {
+            assert!(detail.contains(kept), "`{kept}` kept: {detail}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1685,6 +1703,7 @@ operations:
                 connect_timeout: Duration::from_secs(1),
                 max_response_bytes: 1024,
             },
+            secrets: crate::scrub::Secrets::default(),
             transport: Arc::new(Hang),
             bulkhead: None,
             limiter: None,

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod reload;
 pub mod runtime;
+pub mod scrub;
 pub mod serve;
 pub mod store;
 pub mod watch;

@@ -21,9 +21,10 @@
 //! interrupts it (dead-lettering it when its operation has a DLQ): no call
 //! slips in between a shutdown's count and its exit.
 //!
-//! Upstream error bodies and transport messages are scrubbed of the
-//! upstream's and the operation's header values (where `${env:…}` secrets
-//! live) before anything answers, stores or dead-letters them.
+//! Upstream error bodies and transport messages are scrubbed of the values
+//! the environment put into the upstream's `base_url` and headers and the
+//! operation's headers (where `${env:…}` secrets live; see
+//! [`crate::scrub`]) before anything answers, stores or dead-letters them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -150,7 +151,9 @@ pub enum InvokeError {
     /// The call's task ended without an answer (a bug; reported, not hidden).
     #[error("the call ended without an answer: {0}")]
     Internal(String),
-    /// The runtime is draining for shutdown and takes no new calls.
+    /// The runtime is draining for shutdown and takes no new calls; also
+    /// the answer of a call the drain ended while it waited, with nothing
+    /// sent, on another process's claim of its key.
     #[error("claygate is shutting down and takes no new calls")]
     Draining,
     /// The earlier call with this idempotency key was dead-lettered and its
@@ -644,7 +647,9 @@ impl Runtime {
                 match self.on_record(pipeline, key, fingerprint, record, started, now) {
                     Found::Answer(invoked) => return invoked,
                     Found::Wait(wait) => {
-                        tokio::time::sleep(wait).await;
+                        if !self.pause(wait).await {
+                            return interrupted_waiting(pipeline, started);
+                        }
                         continue;
                     }
                 }
@@ -675,10 +680,25 @@ impl Runtime {
                 Ok(Claim::Existing(record)) => {
                     match self.on_record(pipeline, key, fingerprint, record, started, now) {
                         Found::Answer(invoked) => return invoked,
-                        Found::Wait(wait) => tokio::time::sleep(wait).await,
+                        Found::Wait(wait) => {
+                            if !self.pause(wait).await {
+                                return interrupted_waiting(pipeline, started);
+                            }
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Sleeps `wait`, unless the drain's interrupt comes first (false): a
+    /// call waiting on another process's claim (whose lease may run 60 s or
+    /// more) must not hold a shutdown past its drain timeout.
+    async fn pause(&self, wait: Duration) -> bool {
+        let mut interrupt = self.interrupt.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => true,
+            _ = interrupt.wait_for(|stop| *stop) => false,
         }
     }
 
@@ -1130,6 +1150,18 @@ fn replayed(
     }
 }
 
+/// The answer of a call the drain ended while it waited on another
+/// process's claim of its key: nothing was sent and nothing is kept (the
+/// key is that claim's), so the caller hears `draining` and may retry.
+fn interrupted_waiting(pipeline: &Pipeline, started: tokio::time::Instant) -> Invoked {
+    refused(
+        &pipeline.name,
+        started,
+        Some(pipeline.breaker.state()),
+        InvokeError::Draining,
+    )
+}
+
 fn with_meta(mut invoked: Invoked, meta: IdempotencyMeta) -> Invoked {
     invoked.idempotency = Some(meta);
     invoked
@@ -1154,151 +1186,34 @@ fn holds(record: &IdempotencyRecord, now: UnixMillis) -> bool {
         && !matches!(record.state, IdempotencyState::InFlight { lease_until } if lease_until <= now)
 }
 
-/// Header values never worth scrubbing (not secrets, and common in error
-/// bodies).
-const NOT_SECRET: [http::HeaderName; 3] = [
-    http::header::CONTENT_TYPE,
-    http::header::ACCEPT,
-    http::header::USER_AGENT,
-];
-
-/// Shortest header value (or user info) scrubbed.
-const MIN_SECRET: usize = 4;
-
-/// Shortest word of a header value scrubbed on its own (`Bearer abc…`: the
-/// token may be echoed without its scheme; the scheme word itself is short).
-const MIN_SECRET_WORD: usize = 8;
-
-/// The secret values of `pipeline`'s requests: the upstream's header values
-/// (`${env:…}` expanded), the words in them, the base URL's user info and
-/// the literal text of the operation's headers; longest first, so a value is
-/// scrubbed before a word inside it.
-fn secrets_of(pipeline: &Pipeline) -> Vec<String> {
-    let http = &pipeline.upstream.http;
-    let mut secrets: Vec<String> = Vec::new();
-    let mut add = |name: Option<&http::HeaderName>, value: &str| {
-        if name.is_some_and(|n| NOT_SECRET.contains(n)) {
-            return;
-        }
-        let value = value.trim();
-        if value.len() >= MIN_SECRET {
-            secrets.push(value.to_owned());
-        }
-        secrets.extend(
-            value
-                .split_whitespace()
-                .filter(|w| w.len() >= MIN_SECRET_WORD && *w != value)
-                .map(str::to_owned),
-        );
-    };
-    for (name, value) in &http.headers {
-        if let Ok(text) = value.to_str() {
-            add(Some(name), text);
-        }
-    }
-    for (name, text) in pipeline.request.header_literals() {
-        add(Some(name), &text);
-    }
-    if let Some(password) = http.base_url.password() {
-        add(None, password);
-    }
-    add(None, http.base_url.username());
-    secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-    secrets.dedup();
-    secrets
-}
-
-/// What replaces a scrubbed secret.
-const REDACTED: &str = "[redacted]";
-
-/// `failure` with every secret of `pipeline` replaced by `[redacted]` in an
-/// upstream error body and in transport messages: an upstream that echoes
-/// its `Authorization` header in an error must not leak the key into an
-/// answer, a stored replay or a dead letter.
+/// `failure` with every secret of `pipeline` (what the environment put
+/// into its upstream's `base_url` and headers and its own headers; see
+/// [`crate::scrub`]) replaced by `[redacted]` in an upstream error body
+/// and in transport messages: an upstream that echoes its `Authorization`
+/// header or its URL in an error must not leak the key into an answer, a
+/// stored replay or a dead letter.
 pub(crate) fn scrub_failure(pipeline: &Pipeline, failure: Failure) -> Failure {
-    let needs = match &failure {
-        Failure::Status(reply) => !reply.body.is_empty(),
-        Failure::Connect(_) | Failure::Transport(_) | Failure::BadParams(_) => true,
-        _ => false,
-    };
-    if !needs {
-        return failure;
-    }
-    let secrets = secrets_of(pipeline);
+    let secrets = &pipeline.secrets;
     if secrets.is_empty() {
         return failure;
     }
-    let text = |m: String| {
-        secrets.iter().fold(m, |m, s| {
-            if m.contains(s.as_str()) {
-                m.replace(s.as_str(), REDACTED)
-            } else {
-                m
-            }
-        })
-    };
     match failure {
         Failure::Status(mut reply) => {
-            let mut body = reply.body.to_vec();
-            let mut changed = false;
-            for secret in &secrets {
-                if let Some(scrubbed) = replace_bytes(&body, secret.as_bytes(), REDACTED.as_bytes())
-                {
-                    body = scrubbed;
-                    changed = true;
-                }
-            }
-            if changed {
+            if let Some(body) = secrets.scrub_bytes(&reply.body) {
                 reply.body = body.into();
             }
             Failure::Status(reply)
         }
-        Failure::Connect(m) => Failure::Connect(text(m)),
-        Failure::Transport(m) => Failure::Transport(text(m)),
-        Failure::BadParams(m) => Failure::BadParams(text(m)),
+        Failure::Connect(m) => Failure::Connect(secrets.scrub_str(&m)),
+        Failure::Transport(m) => Failure::Transport(secrets.scrub_str(&m)),
+        Failure::BadParams(m) => Failure::BadParams(secrets.scrub_str(&m)),
         other => other,
     }
-}
-
-/// `haystack` with every `needle` replaced by `with`; `None` when it has none.
-fn replace_bytes(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
-    if needle.is_empty() || haystack.len() < needle.len() {
-        return None;
-    }
-    let mut out = Vec::new();
-    let mut rest = haystack;
-    let mut found = false;
-    while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
-        found = true;
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(with);
-        rest = &rest[at + needle.len()..];
-    }
-    if !found {
-        return None;
-    }
-    out.extend_from_slice(rest);
-    Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replace_bytes_replaces_every_occurrence_or_answers_none() {
-        assert_eq!(
-            replace_bytes(b"a-key-b-key", b"key", b"X"),
-            Some(b"a-X-b-X".to_vec())
-        );
-        assert_eq!(replace_bytes(b"nothing", b"key", b"X"), None);
-        assert_eq!(replace_bytes(b"k", b"key", b"X"), None);
-        assert_eq!(replace_bytes(b"key", b"", b"X"), None);
-        assert_eq!(
-            replace_bytes(b"\xffkey\xfe", b"key", b"X"),
-            Some(b"\xffX\xfe".to_vec())
-        );
-    }
 
     #[test]
     fn a_record_holds_its_key_until_expiry_or_lease_end() {

@@ -174,8 +174,11 @@ impl Server {
             stopped.clone(),
         ));
         if config.watch {
-            workers.push(crate::watch::spawn(Arc::clone(&reloader), stopped.clone()));
-            state.shared.watching.store(true, Ordering::Release);
+            workers.push(crate::watch::spawn(
+                Arc::clone(&reloader),
+                stopped.clone(),
+                Arc::clone(&state.shared.watching),
+            ));
         }
         let app = admin::router(state.clone());
         let drain = config.drain;

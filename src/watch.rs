@@ -95,12 +95,26 @@ fn dir_id(_dir: &Path) -> Option<DirId> {
 /// A watch lasts as long as the directory it was set on: when a policy
 /// directory is removed (or renamed away) and a new one appears at its
 /// path, the watcher is set up again on the new one and the files reread.
-pub fn spawn(reloader: Arc<Reloader>, stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    spawn_with(reloader, stop, make_watcher)
+///
+/// `watching` says, from before this returns until the task ends, whether
+/// a file watcher is set on the directories now: false while none can be
+/// created or a directory is missing (only the rescan rereads then), and
+/// once stopped.
+pub fn spawn(
+    reloader: Arc<Reloader>,
+    stop: watch::Receiver<bool>,
+    watching: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    spawn_with(reloader, stop, watching, make_watcher)
 }
 
 /// [`spawn`] with another way to make the watcher (tests make it fail).
-fn spawn_with<F>(reloader: Arc<Reloader>, stop: watch::Receiver<bool>, make: F) -> JoinHandle<()>
+fn spawn_with<F>(
+    reloader: Arc<Reloader>,
+    stop: watch::Receiver<bool>,
+    flag: Arc<AtomicBool>,
+    make: F,
+) -> JoinHandle<()>
 where
     F: Fn(&[PathBuf], mpsc::Sender<()>) -> Result<Watching, String> + Send + 'static,
 {
@@ -114,7 +128,11 @@ where
             None
         }
     };
-    tokio::spawn(run(reloader, stop, make, dirs, (tx, rx), watching))
+    flag.store(watching.is_some(), Ordering::Release);
+    tokio::spawn(async move {
+        run(reloader, stop, make, dirs, (tx, rx), watching, &flag).await;
+        flag.store(false, Ordering::Release);
+    })
 }
 
 async fn run<F>(
@@ -124,6 +142,7 @@ async fn run<F>(
     dirs: Vec<PathBuf>,
     (tx, mut rx): (mpsc::Sender<()>, mpsc::Receiver<()>),
     mut watching: Option<Watching>,
+    flag: &AtomicBool,
 ) where
     F: Fn(&[PathBuf], mpsc::Sender<()>) -> Result<Watching, String> + Send + 'static,
 {
@@ -164,6 +183,7 @@ async fn run<F>(
             () = tokio::time::sleep(MISSING_POLL), if missing => Trigger::Rescan,
         };
         if !dirs.iter().all(|d| d.is_dir()) {
+            flag.store(false, Ordering::Release);
             if watching.take().is_some() || !missing {
                 tracing::warn!(dirs = ?dirs, "a policy directory disappeared; still serving the last generation, waiting for it to come back");
             }
@@ -172,6 +192,7 @@ async fn run<F>(
         }
         if watching.as_ref().is_some_and(|w| w.stale(&dirs)) {
             tracing::info!(dirs = ?dirs, "a policy directory was replaced; watching the new one");
+            flag.store(false, Ordering::Release);
             watching = None;
         }
         if watching.is_none() {
@@ -184,6 +205,7 @@ async fn run<F>(
                     }
                     unwatched = false;
                     watching = Some(w);
+                    flag.store(true, Ordering::Release);
                 }
                 Err(e) if unwatched => {
                     tracing::debug!(error = %e, "still cannot watch the policy directory");
@@ -372,10 +394,16 @@ operations:
         // The clock moves only when the test advances it: the store and the
         // reload run on other threads, which auto-advance cannot see.
         let record = held(async {
-            let task = spawn_with(Arc::clone(&reloader), stopped, move |_, _| {
-                counted.fetch_add(1, Ordering::SeqCst);
-                Err("cannot create a file watcher: too many open files (test)".to_owned())
-            });
+            let watching = Arc::new(AtomicBool::new(false));
+            let task = spawn_with(
+                Arc::clone(&reloader),
+                stopped,
+                Arc::clone(&watching),
+                move |_, _| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Err("cannot create a file watcher: too many open files (test)".to_owned())
+                },
+            );
             assert_eq!(tries.load(Ordering::SeqCst), 1, "tried at once");
             // Let the loop start its rescan period.
             tokio::task::yield_now().await;
@@ -416,6 +444,89 @@ operations:
         );
         stop.send_replace(true);
         task.await.expect("the watch task ends when stopped");
+    }
+
+    /// Review round 2, item 1: `watching` says whether a file watcher is
+    /// set now, not whether the watch task runs: false while inotify
+    /// refuses and while the directory is missing, true once watched.
+    #[tokio::test(start_paused = true)]
+    async fn the_watching_flag_follows_the_watcher() {
+        let policies = tempfile::tempdir().expect("dir");
+        let data = tempfile::tempdir().expect("dir");
+        let dir = policies.path().join("policies");
+        std::fs::create_dir(&dir).expect("dir");
+        std::fs::write(dir.join("ops.yaml"), ops(10)).expect("write");
+        let paths = vec![dir.clone()];
+        let store = held(SqliteStore::open(data.path()))
+            .await
+            .expect("the store opens");
+        let clock = Clock::new();
+        let prepared =
+            crate::reload::prepare(&paths, None, &CompileOptions::default(), clock.now())
+                .unwrap_or_else(|e| panic!("valid: {e}"));
+        prepared.compiled.activate();
+        let runtime = Runtime::new(prepared.compiled, Arc::new(store) as Arc<dyn Store>, clock);
+        let reloader = Reloader::new(
+            Arc::clone(&runtime),
+            paths,
+            CompileOptions::default(),
+            prepared.generation,
+        );
+
+        // Set beforehand, so the test sees the watch task clear it.
+        let flag = Arc::new(AtomicBool::new(true));
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&tries);
+        let (stop, stopped) = watch::channel(false);
+        let is = |want: bool| flag.load(Ordering::Acquire) == want;
+        held(async {
+            // inotify refuses at first (a limit), then lets the watch be made.
+            let task = spawn_with(
+                Arc::clone(&reloader),
+                stopped,
+                Arc::clone(&flag),
+                move |dirs, tx| {
+                    if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err("cannot create a file watcher: too many open files (test)".to_owned())
+                    } else {
+                        make_watcher(dirs, tx)
+                    }
+                },
+            );
+            assert!(is(false), "no watcher could be made");
+
+            // Steps of time until `want`, bounded: the rescan, the debounce
+            // and the missing-directory poll each need the clock to move.
+            let until = |want: bool| {
+                let is = &is;
+                async move {
+                    for _ in 0..100 {
+                        if is(want) {
+                            return;
+                        }
+                        tokio::time::advance(MISSING_POLL).await;
+                        spin(Duration::from_millis(50), || is(want)).await;
+                    }
+                }
+            };
+            until(true).await;
+            assert!(is(true), "the rescan made the watcher");
+            assert_eq!(tries.load(Ordering::SeqCst), 2);
+
+            std::fs::remove_dir_all(&dir).expect("remove");
+            until(false).await;
+            assert!(is(false), "a missing directory is not watched");
+
+            std::fs::create_dir(&dir).expect("dir");
+            std::fs::write(dir.join("ops.yaml"), ops(20)).expect("write");
+            until(true).await;
+            assert!(is(true), "watched again once the directory is back");
+
+            stop.send_replace(true);
+            task.await.expect("the watch task ends when stopped");
+            assert!(is(false), "not watching once stopped");
+        })
+        .await;
     }
 
     #[test]

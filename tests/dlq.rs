@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::support::dlq::open_store;
-use crate::support::script::{Script, Step, compile_script};
+use crate::support::script::{Script, Step, compile_script, compile_script_env};
 use crate::support::tempdir;
 use crate::support::upstream::{Behavior, FakeUpstream};
 
@@ -813,19 +813,23 @@ async fn a_duplicate_of_a_parked_or_deleted_entry_hears_the_truth() {
     assert_eq!(rig.script.hits(), hits + 1);
 }
 
-/// Review finding 1, end to end: a parked entry outlives its key; a new
-/// call reuses the caller's key with other params and completes; replaying
-/// the old entry must not put its answer under the new call's key.
+/// Review finding 1, end to end: an entry parked with a permanent answer
+/// outlives that answer's key; a new call reuses the caller's key with
+/// other params and completes; replaying the old entry must not put its
+/// answer under the new call's key.
 #[tokio::test(start_paused = true)]
 async fn replaying_an_old_entry_never_overwrites_a_reused_key() {
-    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
-    rig.script.then(fail(503));
+    let rig = rig(&ops(&[push_op("push_row", DLQ_14D)])).await;
+    rig.script
+        .then(fail(503))
+        .then(Step::Reply(409, json!({"error": "locked"})));
     let old = rig
         .dead_letter("push_row", keyed("t1", 1, "order-42"))
         .await;
-    park(&rig, old).await;
+    rig.advance_to(rig.entry(old).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 1);
 
-    // The parked key lives no longer than the key's ttl (24h).
+    // The permanent answer replays for the key's ttl (24h), then frees it.
     tokio::time::advance(Duration::from_secs(25 * 3600)).await;
     rig.script.then(Step::Reply(201, json!({"call": "new"})));
     let new = rig.invoke("push_row", keyed("t1", 2, "order-42")).await;
@@ -842,6 +846,73 @@ async fn replaying_an_old_entry_never_overwrites_a_reused_key() {
     );
     let other = rig.invoke("push_row", keyed("t1", 1, "order-42")).await;
     assert_eq!(failure_code(&other), "idempotency_conflict");
+}
+
+/// Like [`DLQ`], but parking at the first failed redrive and keeping
+/// entries 14 days (the default), longer than the key's 24h ttl.
+const DLQ_14D: &str = "{ max_attempts: 1, backoff: { initial: 30s, max: 30s, jitter: none }, redrive_rate: 100, retention: 14d }";
+
+/// Round 2, item 2: a parked key lasts as long as its entry, not the key's
+/// ttl. Parked on day 0, a duplicate on day 2 must not claim the key and
+/// send the work, or an admin's replay on day 3 delivers it twice; the
+/// same for a requeue after the sweep. At retention end both go.
+#[tokio::test(start_paused = true)]
+async fn a_parked_key_lasts_as_long_as_its_entry() {
+    let rig = rig(&ops(&[push_op("push_row", DLQ_14D)])).await;
+    rig.script
+        .then(fail(503))
+        .then(fail(503))
+        .then(fail(503))
+        .then(fail(503));
+    let a = rig.dead_letter("push_row", row("t1", 1)).await;
+    let b = rig.dead_letter("push_row", row("t1", 2)).await;
+    rig.advance_to(rig.entry(b).await.next_attempt_at).await;
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 2);
+    assert_eq!(rig.script.hits(), 4);
+
+    // Day 2: far past the key's ttl; the sweep runs.
+    tokio::time::advance(Duration::from_secs(2 * 24 * 3600)).await;
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!((swept.idempotency_records, swept.dead_letters), (0, 0));
+    for (id, n) in [(a, 1), (b, 2)] {
+        let dup = rig.invoke("push_row", row("t1", n)).await;
+        match &dup.answer {
+            Answer::Failed(InvokeError::DeadLetterParked { dlq_id }) => assert_eq!(*dlq_id, id),
+            other => panic!("the parked key still holds: {other:?}"),
+        }
+    }
+    assert_eq!(rig.script.hits(), 4, "no duplicate reached the upstream");
+
+    // Day 3: an admin replays one and requeues the other; each is sent
+    // once, by the redrive only.
+    tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+    rig.script.then(Step::Reply(201, json!({"row": 1})));
+    let replayed = dlq::replay_one(&rig.runtime, a).await.expect("replayed");
+    assert_eq!(replayed.state, DlqState::Delivered);
+    let by_code = DlqFilter {
+        state: Some(DlqState::Parked),
+        ..DlqFilter::default()
+    };
+    assert_eq!(dlq::replay_matching(&rig.runtime, &by_code).await, Ok(1));
+    let dup_b = rig.invoke("push_row", row("t1", 2)).await;
+    assert!(
+        matches!(dup_b.answer, Answer::Queued { dlq_id, .. } if dlq_id == b),
+        "requeued: queued with its entry, {dup_b:?}"
+    );
+    let dup_a = rig.invoke("push_row", row("t1", 1)).await;
+    assert_eq!(body(&dup_a), json!({"row": 1}), "replays the delivery");
+    assert_eq!(rig.script.hits(), 5);
+
+    // Parked again, then past its retention: entry and key go together.
+    rig.script.then(fail(503));
+    assert_eq!(dlq::redrive_due(&rig.runtime).await.parked, 1);
+    tokio::time::advance(Duration::from_secs(14 * 24 * 3600)).await;
+    let swept = dlq::sweep(&rig.runtime).await;
+    assert_eq!(swept.store_errors, 0, "{swept:?}");
+    assert_eq!(rig.runtime.store.dlq_get(b).await.expect("read"), None);
+    rig.script.then(Step::Reply(201, json!({"row": 2})));
+    let fresh = rig.invoke("push_row", row("t1", 2)).await;
+    assert_eq!(body(&fresh), json!({"row": 2}), "the work runs afresh");
 }
 
 /// Review finding 5: a row damaged by SQL neither stops its operation's
@@ -970,19 +1041,31 @@ async fn cache_rows_of_a_removed_operation_are_swept_in_time() {
 }
 
 /// Review finding 17, on the redrive path: a permanent answer that echoes
-/// an operation header's secret is stored for replay scrubbed.
+/// an operation header's `${env:…}` secret is stored for replay scrubbed;
+/// literal header text (round 2, item 4) is no secret and stays.
 #[tokio::test(start_paused = true)]
 async fn a_redrives_echoed_secret_is_scrubbed_before_it_is_stored() {
     const SECRET: &str = "op-secret-0123456789";
     let op = push_op("push_row", DLQ).replace(
         "body: \"{{ params.row }}\" }",
-        &format!("body: \"{{{{ params.row }}}}\", headers: {{ X-Op-Key: \"{SECRET}\" }} }}"),
+        "body: \"{{ params.row }}\", headers: { X-Op-Key: \"${env:TEST_OP_SECRET}\", X-Api-Version: \"20240101\" } }",
     );
-    assert!(op.contains(SECRET), "{op}");
-    let rig = rig(&ops(&[op])).await;
+    assert!(op.contains("TEST_OP_SECRET"), "{op}");
+    let dir = tempdir();
+    let script = Script::new();
+    let compiled = compile_script_env(&ops(&[op]), &script, None, |name| {
+        (name == "TEST_OP_SECRET").then(|| SECRET.to_owned())
+    });
+    let runtime = Runtime::new(compiled, open_store(dir.path()).await, Clock::new());
+    let rig = Rig {
+        events: runtime.events.subscribe(),
+        runtime,
+        script,
+        _dir: dir,
+    };
     rig.script.then(fail(503)).then(Step::Reply(
         409,
-        json!({"error": "duplicate", "echo": SECRET}),
+        json!({"error": "duplicate", "echo": SECRET, "version": "20240101", "id": 20240101}),
     ));
     let id = rig.dead_letter("push_row", row("t1", 1)).await;
     rig.advance_to(rig.entry(id).await.next_attempt_at).await;
@@ -991,11 +1074,10 @@ async fn a_redrives_echoed_secret_is_scrubbed_before_it_is_stored() {
     match &dup.answer {
         Answer::Failed(InvokeError::Failure(claygate::pipeline::Failure::Status(reply))) => {
             assert_eq!(reply.status.as_u16(), 409);
-            let text = String::from_utf8_lossy(&reply.body).into_owned();
-            assert!(!text.contains(SECRET), "{text}");
-            assert!(
-                text.contains("[redacted]") && text.contains("duplicate"),
-                "{text}"
+            let stored: Value = serde_json::from_slice(&reply.body).expect("still JSON");
+            assert_eq!(
+                stored,
+                json!({"error": "duplicate", "echo": "[redacted]", "version": "20240101", "id": 20240101})
             );
         }
         other => panic!("expected the stored 409, got {other:?}"),
@@ -1071,7 +1153,10 @@ operations:
 
     let r = purge(json!({"operation": "push_row"})).await.expect("sent");
     assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 1}));
+    assert_eq!(
+        r.json::<Value>().await.expect("JSON"),
+        json!({"purged": 1, "skipped": 0})
+    );
     let (_, page) = server.get_json("/v1/dlq").await;
     assert_eq!(page["entries"].as_array().map(Vec::len), Some(2));
     assert_eq!(page["unreadable"], json!([]));
@@ -1083,8 +1168,104 @@ operations:
     assert_eq!(fake.hits(), hits + 1, "the retry was sent, not replayed");
 
     let r = purge(json!({"all": true})).await.expect("sent");
-    assert_eq!(r.json::<Value>().await.expect("JSON"), json!({"purged": 3}));
+    assert_eq!(
+        r.json::<Value>().await.expect("JSON"),
+        json!({"purged": 3, "skipped": 0})
+    );
     let (_, page) = server.get_json("/v1/dlq").await;
     assert_eq!(page["entries"], json!([]));
     server.server.shutdown().await;
+}
+
+/// Lets the other tasks run until `done`, for at most five seconds of
+/// real time: a bounded poll that never moves the paused clock.
+async fn until(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert!(done(), "the condition did not come true in time");
+}
+
+/// Round 2, item 5: deleting or purging an entry while the worker sends it
+/// would free its key with its request in flight, and a retry of the
+/// original call would then send the work a second time. Delete answers
+/// 409 `dlq_busy`; purge leaves it and says so; a retry meanwhile still
+/// hears `queued`. Once the redrive is done the entry can be deleted.
+#[tokio::test(start_paused = true)]
+async fn an_entry_being_redriven_is_neither_deleted_nor_purged() {
+    use axum::body::Body;
+    use claygate::admin::{AppState, router};
+    use tower::ServiceExt;
+
+    let rig = rig(&ops(&[push_op("push_row", DLQ)])).await;
+    rig.script.then(fail(503)).then(fail(503));
+    let sending = rig.dead_letter("push_row", row("t1", 1)).await;
+    let other = rig.dead_letter("push_row", row("t1", 2)).await;
+    rig.advance_to(rig.entry(other).await.next_attempt_at).await;
+
+    // The worker sends `sending` first; its request is held upstream.
+    rig.script.hold();
+    rig.script.then(Step::Reply(201, json!({"row": 1})));
+    let runtime = Arc::clone(&rig.runtime);
+    let worker = tokio::spawn(async move { dlq::redrive_due(&runtime).await });
+    until(|| rig.script.hits() == 3).await;
+    assert!(rig.runtime.redrive.is_running(sending));
+
+    let app = router(AppState::new(
+        Arc::clone(&rig.runtime),
+        None,
+        Arc::new(claygate::health::Probes::default()),
+        None,
+    ));
+    let answer = |request: http::Request<Body>| {
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+            let status = response.status().as_u16();
+            let retry_after = response.headers().get(http::header::RETRY_AFTER).cloned();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .expect("a body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (status, retry_after, body)
+        }
+    };
+    let delete = || {
+        http::Request::delete(format!("/v1/dlq/{sending}"))
+            .body(Body::empty())
+            .expect("a request")
+    };
+    let (status, retry_after, body) = answer(delete()).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("dlq_busy")),
+        "{body}"
+    );
+    assert!(retry_after.is_some(), "says when to try again");
+
+    let purge = http::Request::post("/v1/dlq/purge")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(r#"{"operation": "push_row"}"#))
+        .expect("a request");
+    let (status, _, body) = answer(purge).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"purged": 1, "skipped": 1}));
+    assert_eq!(rig.runtime.store.dlq_get(other).await.expect("read"), None);
+    assert_eq!(rig.entry(sending).await.state, DlqState::Pending);
+
+    // A retry of the original call while the redrive is in flight.
+    let dup = rig.invoke("push_row", row("t1", 1)).await;
+    assert!(
+        matches!(dup.answer, Answer::Queued { dlq_id, .. } if dlq_id == sending),
+        "the key still holds: {dup:?}"
+    );
+    assert_eq!(rig.script.hits(), 3, "not sent beside the redrive");
+
+    rig.script.release(1);
+    let report = worker.await.expect("the pass ends");
+    assert_eq!(report.delivered, 1, "{report:?}");
+    assert_eq!(rig.script.delivered_per_key().values().max(), Some(&1));
+    let (status, _, _) = answer(delete()).await;
+    assert_eq!(status, 204, "deleted once the redrive is done");
 }

@@ -645,6 +645,66 @@ async fn a_call_admitted_before_the_drain_is_waited_for_and_dead_lettered() {
     assert_eq!(rig.script.hits(), 1);
 }
 
+/// Round 2, item 7: a call waiting on a claim left by a crashed process
+/// (lease 60s here) ends when the drain interrupts, answering `draining`
+/// with nothing sent, instead of holding the shutdown until the lease
+/// lapses.
+#[tokio::test(start_paused = true)]
+async fn a_call_waiting_on_a_crashed_claim_does_not_outlast_the_drain() {
+    let (rig, _spy) = spied().await;
+    let params = json!({"id": "r9"});
+    let key = "caller-key-9";
+    let fingerprint = claygate::pipeline::idempotency::fingerprint(&params);
+    let now = rig.runtime.clock.now();
+    let claim = crate::support::dlq::inhibited(rig.store.idempotency_claim(
+        "push",
+        key,
+        &fingerprint,
+        now,
+        now + 60_000,
+        now + 3_600_000,
+    ))
+    .await
+    .expect("claim");
+    assert!(matches!(claim, Claim::Claimed(_)), "{claim:?}");
+    let request = InvokeRequest {
+        params,
+        idempotency_key: Some(key.into()),
+        priority: None,
+    };
+    let runtime = Arc::clone(&rig.runtime);
+    let mut waiting = Box::pin(runtime.invoke("push", request));
+    let started = tokio::time::Instant::now();
+    assert!(poll_once(&mut waiting).await, "still running");
+    assert_eq!(rig.runtime.active_calls(), 1, "admitted on its first poll");
+
+    let drained = rig.runtime.drain(Duration::from_secs(1)).await;
+    assert_eq!(
+        drained,
+        Drained {
+            finished: 0,
+            interrupted: 1
+        }
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain ended at its timeout, not the lease's end: {:?}",
+        started.elapsed()
+    );
+    let invoked = waiting.await;
+    assert_eq!(error_code(&invoked), "draining");
+    assert_eq!(invoked.attempts, 0);
+    assert_eq!(rig.script.hits(), 0, "nothing sent");
+    let record = crate::support::dlq::inhibited(rig.store.idempotency_get("push", key))
+        .await
+        .expect("read")
+        .expect("kept");
+    assert!(
+        matches!(record.state, IdempotencyState::InFlight { .. }),
+        "the crashed claim is left as it was: {record:?}"
+    );
+}
+
 /// Review finding 16: once a drain has begun, a call is refused at
 /// admission (`draining`), in `invoke` and `invoke_here` alike.
 #[tokio::test(start_paused = true)]
@@ -743,23 +803,88 @@ async fn the_memory_cache_gets_the_policys_byte_budget() {
     assert!(fallback.memory.bytes() <= 4096);
 }
 
+/// Round 2, item 4: only values the environment gave are scrubbed. A
+/// literal header (`X-Api-Version: 2024`), the text around a template's
+/// placeholder (`Bearer {{ params.token }}`) and an empty variable (the
+/// bundled policy's `Bearer ${env:CLAY_API_KEY:-}` without the key) are no
+/// secrets: an error body holding them is answered and stored byte for
+/// byte, not turned into invalid JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_without_secrets_are_answered_as_they_came() {
+    const ECHO: &str =
+        r#"{"id":120245,"error":"Bearer token rejected for api version 2024","token":"tok-0123"}"#;
+    let fake = FakeUpstream::start().await;
+    fake.then([Behavior::status(404, ECHO)]);
+    let text = format!(
+        "version: 1
+upstreams:
+  clay:
+    base_url: \"{}\"
+    headers: {{ Authorization: \"Bearer ${{env:TEST_UNSET_KEY:-}}\", X-Api-Version: \"2024\" }}
+timeouts: {{ request: 2s }}
+operations:
+  lookup:
+    upstream: clay
+    request: {{ method: POST, path: /v1/lookup, headers: {{ Proxy-Authorization: \"Bearer {{{{ params.token }}}}\" }}, body: {{ id: \"{{{{ params.id }}}}\" }} }}
+    retry: {{ max_attempts: 1 }}
+    idempotency: {{ key: [id] }}
+",
+        fake.url()
+    );
+    let loaded = claygate::policy::load_str(
+        "plain.yaml",
+        &text,
+        claygate::policy::LoadOptions::default(),
+    );
+    let set = loaded
+        .set
+        .unwrap_or_else(|| panic!("{:#?}", loaded.diagnostics));
+    let options = claygate::compile::CompileOptions {
+        env: Box::new(|_| None),
+        transport: None,
+    };
+    let compiled = claygate::compile::compile_with(&set, None, &options).expect("compiles");
+    let dir = tempdir();
+    let store = Arc::new(SqliteStore::open(dir.path()).await.expect("store"));
+    let runtime = Runtime::new(compiled, store.clone() as Arc<dyn Store>, Clock::new());
+
+    let body_of = |invoked: &Invoked| match &invoked.answer {
+        Answer::Failed(InvokeError::Failure(claygate::pipeline::Failure::Status(reply))) => {
+            assert_eq!(reply.status.as_u16(), 404);
+            String::from_utf8_lossy(&reply.body).into_owned()
+        }
+        other => panic!("expected the upstream's 404, got {other:?}"),
+    };
+    let request = || call(json!({"id": "120245", "token": "tok-0123"}));
+    let first = runtime.invoke("lookup", request()).await;
+    assert_eq!(body_of(&first), ECHO);
+    assert_eq!(fake.seen()[0].headers["x-api-version"], "2024");
+    let again = runtime.invoke("lookup", request()).await;
+    assert!(replayed(&again), "the 404 is stored for replay");
+    assert_eq!(body_of(&again), ECHO, "stored as it came");
+    assert_eq!(fake.hits(), 1);
+    store.close().await.expect("close");
+}
+
 /// Review finding 17: an upstream that echoes its `Authorization` header
 /// (or an operation header) in an error body must not leak it into the
-/// answer, the stored replay, or a dead letter's stored answer.
+/// answer, the stored replay, or a dead letter's stored answer. Round 2,
+/// item 3: nor a key in its base URL's query, echoed with the URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_echoed_in_upstream_errors_are_scrubbed() {
     const KEY: &str = "sk-live-0123456789abcdef";
     const OP_SECRET: &str = "op-header-secret-42";
+    const QUERY_KEY: &str = "query-key-9876543210";
     let fake = FakeUpstream::start().await;
     let echo = format!(
-        "{{\"error\":\"bad credentials\",\"authorization\":\"Bearer {KEY}\",\"token\":\"{KEY}\",\"x-op-key\":\"{OP_SECRET}\"}}"
+        "{{\"error\":\"bad credentials\",\"authorization\":\"Bearer {KEY}\",\"token\":\"{KEY}\",\"x-op-key\":\"{OP_SECRET}\",\"url\":\"/v1/lookup?api_key={QUERY_KEY}\"}}"
     );
     fake.then([Behavior::status(401, &echo)]);
     let text = format!(
         "version: 1
 upstreams:
   clay:
-    base_url: \"{}\"
+    base_url: \"{}?api_key=${{env:TEST_QUERY_KEY}}\"
     headers: {{ Authorization: \"Bearer ${{env:TEST_CLAY_KEY}}\" }}
 timeouts: {{ request: 2s }}
 operations:
@@ -785,6 +910,7 @@ operations:
         env: Box::new(|name| match name {
             "TEST_CLAY_KEY" => Some(KEY.into()),
             "TEST_OP_KEY" => Some(OP_SECRET.into()),
+            "TEST_QUERY_KEY" => Some(QUERY_KEY.into()),
             _ => None,
         }),
         transport: None,
@@ -799,6 +925,7 @@ operations:
             let body = String::from_utf8_lossy(&reply.body).into_owned();
             assert!(!body.contains(KEY), "{body}");
             assert!(!body.contains(OP_SECRET), "{body}");
+            assert!(!body.contains(QUERY_KEY), "{body}");
             assert!(body.contains("bad credentials"), "the rest stays: {body}");
             assert!(body.contains("[redacted]"), "{body}");
             reply.status.as_u16()
@@ -811,6 +938,13 @@ operations:
     let seen = fake.seen();
     assert_eq!(seen[0].headers["authorization"], format!("Bearer {KEY}"));
     assert_eq!(seen[0].headers["x-op-key"], OP_SECRET);
+    assert!(
+        seen[0]
+            .path_and_query
+            .ends_with(&format!("?api_key={QUERY_KEY}")),
+        "{}",
+        seen[0].path_and_query
+    );
 
     // The stored replay of the 401 is the scrubbed one.
     let again = runtime.invoke("lookup", call(json!({"id": "7"}))).await;
@@ -821,7 +955,10 @@ operations:
         Some(record) => match record.state {
             IdempotencyState::Completed(r) => {
                 let body = String::from_utf8_lossy(&r.body).into_owned();
-                assert!(!body.contains(KEY) && !body.contains(OP_SECRET), "{body}");
+                assert!(
+                    !body.contains(KEY) && !body.contains(OP_SECRET) && !body.contains(QUERY_KEY),
+                    "{body}"
+                );
             }
             other => panic!("expected a completed record, got {other:?}"),
         },

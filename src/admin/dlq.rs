@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::error::{ApiError, Problem, failure_status};
-use crate::dlq::ReplayError;
+use crate::dlq::{DeleteError, ReplayError};
 use crate::store::{DeadLetter, DlqFilter, DlqState, PageRequest, UnreadableDeadLetter};
 
 /// Entries a listing answers unless `limit` says otherwise.
@@ -181,11 +181,15 @@ pub struct PurgeFilter {
     pub all: Option<bool>,
 }
 
-/// How many entries a purge deleted.
+/// How many entries a purge deleted, and how many it left alone.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Purged {
     /// Entries deleted (their queued or parked idempotency keys are freed).
     pub purged: u64,
+    /// Matching entries left alone because they were being redriven or
+    /// replayed at that moment (their keys must hold while their requests
+    /// are in flight); purge again to delete them.
+    pub skipped: u64,
 }
 
 /// How many entries a replay by filter requeued.
@@ -380,7 +384,10 @@ pub async fn get_one(
     }
 }
 
-/// Deletes one dead letter (it will never be sent).
+/// Deletes one dead letter (it will never be sent) and frees its queued or
+/// parked idempotency key. Refused while the entry is being redriven or
+/// replayed: freeing its key then would let a retry of the original call
+/// send the work beside the request in flight.
 #[utoipa::path(
     delete,
     path = "/v1/dlq/{id}",
@@ -390,6 +397,7 @@ pub async fn get_one(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not an id (`bad_id`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such entry (`dead_letter_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Being redriven or replayed now (`dlq_busy`, `Retry-After`); the entry is unchanged", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be written (`store_unavailable`)", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -398,11 +406,23 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = entry_id(&id)?;
-    if state.runtime().store.dlq_delete(id).await? {
-        tracing::info!(id, "dead letter deleted by admin");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(not_found(id))
+    // In its own task: the entry's mark must be held until the delete has
+    // committed, whatever the client does.
+    let runtime = std::sync::Arc::clone(state.runtime());
+    let deleted = tokio::spawn(async move { crate::dlq::delete_one(&runtime, id).await })
+        .await
+        .map_err(internal)?;
+    match deleted {
+        Ok(()) => {
+            tracing::info!(id, "dead letter deleted by admin");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(DeleteError::NotFound(id)) => Err(not_found(id)),
+        Err(e @ DeleteError::Busy(_)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.code(), e.to_string())
+                .retry_after(std::time::Duration::from_secs(1)))
+        }
+        Err(DeleteError::Store(e)) => Err(ApiError::from(e)),
     }
 }
 
@@ -504,13 +524,15 @@ fn bad_filter(detail: impl Into<String>) -> ApiError {
 /// Deletes every dead letter matching the filter, pending ones too unless
 /// the filter names a state, and frees their queued or parked idempotency
 /// keys (the work is gone: a retry of the original call runs afresh).
+/// Entries being redriven or replayed at that moment are left alone and
+/// counted in `skipped`.
 #[utoipa::path(
     post,
     path = "/v1/dlq/purge",
     tag = "dlq",
     request_body(content = PurgeFilter, content_type = "application/json", description = "At least one of `operation`, `state`, `error_code`; or `{\"all\": true}` for every entry"),
     responses(
-        (status = 200, description = "How many entries were deleted", body = Purged),
+        (status = 200, description = "How many entries were deleted, and how many were skipped for being redriven right then", body = Purged),
         (status = 400, description = "Malformed body, bad value, or no filter (`bad_filter`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot be written (`store_unavailable`)", body = Problem, content_type = "application/problem+json"),
@@ -531,11 +553,19 @@ pub async fn purge(
     let runtime = std::sync::Arc::clone(state.runtime());
     let task_filter = filter.clone();
     // In its own task: a client that goes away must not cut it off.
-    let purged = tokio::spawn(async move { runtime.store.dlq_purge(&task_filter).await })
+    let done = tokio::spawn(async move { crate::dlq::purge(&runtime, &task_filter).await })
         .await
         .map_err(internal)??;
-    tracing::info!(?filter, purged, "dead letters purged by admin");
-    Ok(Json(Purged { purged }))
+    tracing::info!(
+        ?filter,
+        purged = done.purged,
+        skipped = done.skipped,
+        "dead letters purged by admin"
+    );
+    Ok(Json(Purged {
+        purged: done.purged,
+        skipped: done.skipped,
+    }))
 }
 
 /// The body of `POST /v1/dlq/replay` as a store filter.

@@ -61,8 +61,10 @@ pub struct Shared {
     pub token: Option<[u8; 32]>,
     /// Set when shutdown begins: readiness fails, new invokes are refused.
     pub draining: AtomicBool,
-    /// Set while a watcher reloads the policies on change.
-    pub watching: AtomicBool,
+    /// True while a file watcher is set on the policy directories (shared
+    /// with the watch task): false with `--no-watch`, and while no watcher
+    /// can be created or a directory is missing (only the rescan rereads).
+    pub watching: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -80,7 +82,7 @@ impl AppState {
                 probes,
                 token: token.map(|t| digest(t.trim())),
                 draining: AtomicBool::new(false),
-                watching: AtomicBool::new(false),
+                watching: Arc::new(AtomicBool::new(false)),
             }),
         }
     }

@@ -148,8 +148,10 @@ where
 pub struct PolicyStatus {
     /// The generation serving now.
     pub generation: GenerationView,
-    /// Whether the policy directory is watched (edits reload on their own);
-    /// false with `--no-watch` or when the watcher could not start.
+    /// Whether a file watcher is set on the policy directory now (edits
+    /// reload within moments); false with `--no-watch`, while no watcher can
+    /// be created (inotify limits: the 2 s rescan still rereads the files)
+    /// and while the directory is missing.
     pub watching: bool,
     /// Pending and parked dead letters of operations the serving
     /// generation no longer defines (or defines without `dlq`), by

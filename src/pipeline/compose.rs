@@ -21,6 +21,7 @@ use super::retry::{self, RetryBudget, RetryConfig};
 use super::{Failure, Reply, Verdict, timeout};
 use crate::dlq::DlqConfig;
 use crate::policy::model::{Condition, Priority};
+use crate::scrub::Secrets;
 
 /// What an upstream shares among its operations: the HTTP client, the
 /// bulkhead and the rate limiter.
@@ -29,6 +30,9 @@ pub struct UpstreamRuntime {
     pub name: String,
     /// HTTP settings the transport was built with.
     pub http: HttpConfig,
+    /// What the environment put into `base_url` and the headers: scrubbed
+    /// from anything repeated about this upstream (never printed).
+    pub secrets: Secrets,
     /// Sends the requests.
     pub transport: Arc<dyn Transport>,
     /// Priority classes; `None` when the upstream defines none.
@@ -65,6 +69,9 @@ pub struct Outcome {
 pub struct Pipeline {
     /// The operation's name.
     pub name: String,
+    /// The upstream's secrets and what the environment put into the
+    /// operation's headers: scrubbed from error bodies and messages.
+    pub secrets: Secrets,
     /// The upstream it calls.
     pub upstream: Arc<UpstreamRuntime>,
     /// The request template.

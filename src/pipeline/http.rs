@@ -125,31 +125,6 @@ impl CompiledRequest {
         })
     }
 
-    /// The literal text of the operation's headers (whole values without a
-    /// placeholder, and the text around placeholders) by header name: where
-    /// a secret expanded from `${env:…}` lives, so that an upstream echoing
-    /// it in an error body can be scrubbed. Never printed.
-    pub fn header_literals(&self) -> Vec<(&HeaderName, String)> {
-        let mut out = Vec::new();
-        for (name, template) in &self.headers {
-            match template {
-                HeaderTemplate::Literal(v) => {
-                    if let Ok(text) = v.to_str() {
-                        out.push((name, text.to_owned()));
-                    }
-                }
-                HeaderTemplate::Template(t) => {
-                    for piece in t.pieces() {
-                        if let crate::policy::template::Piece::Text(text) = piece {
-                            out.push((name, text.clone()));
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// Fills the template with `params`.
     ///
     /// Path placeholders are percent-encoded as (part of) one path segment:

@@ -28,16 +28,18 @@
 //!   whose lease ran out (and was taken over) changes nothing;
 //! * a **queued** or **parked** record belongs to its dead letter (`dlq_id`):
 //!   the dead letter's own transitions ([`Store::dlq_update`],
-//!   [`Store::dlq_requeue`], [`Store::dlq_delete`], [`Store::dlq_purge`])
-//!   change it, in the same transaction as the dead letter, so a new call
-//!   that reused the key after it expired is never touched.
+//!   [`Store::dlq_requeue`], [`Store::dlq_delete`], [`Store::dlq_purge`],
+//!   [`Store::dlq_sweep`]) change it, in the same transaction as the dead
+//!   letter, so a new call that reused the key after it expired is never
+//!   touched.
 //!
 //! The record mirrors its dead letter: `queued` while the entry is pending
 //! (and it does not expire meanwhile, so a duplicate never runs the work a
 //! second time alongside the redrive), `completed` with the delivering
 //! answer (or a permanent upstream answer), `parked` while the entry is
-//! parked, and gone when the entry is deleted or purged (the work is gone;
-//! a retry may run afresh).
+//! parked (without expiry too: it lasts as long as the entry), and gone
+//! when the entry is deleted, purged or swept (the work is gone; a retry
+//! may run afresh).
 
 pub mod sqlite;
 
@@ -354,7 +356,7 @@ pub enum DlqUpdate {
     /// It failed for good (out of attempts, or a permanent error). The
     /// entry's idempotency record becomes `completed` with `answer` when
     /// given (a permanent upstream answer is the call's result), else
-    /// `parked`.
+    /// `parked`, without expiry: it lasts as long as its entry.
     Parked {
         /// When.
         at: UnixMillis,
@@ -366,7 +368,8 @@ pub enum DlqUpdate {
         expires_at: UnixMillis,
         /// The permanent upstream answer to replay to duplicates, if any.
         answer: Option<StoredResponse>,
-        /// When the idempotency record expires.
+        /// When the idempotency record of `answer` expires (its ttl); unused
+        /// without an answer.
         key_expires_at: UnixMillis,
     },
 }
@@ -424,6 +427,15 @@ pub struct DueEntries {
     pub entries: Vec<DeadLetter>,
     /// Due rows that cannot be read back.
     pub unreadable: Vec<UnreadableDeadLetter>,
+}
+
+/// What [`Store::dlq_purge`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DlqPurged {
+    /// Entries deleted.
+    pub deleted: u64,
+    /// Matching entries left alone because the caller excepted them.
+    pub skipped: u64,
 }
 
 /// How many dead letters one operation has in one state.
@@ -590,14 +602,21 @@ pub trait Store: Send + Sync + 'static {
     /// (the work is gone: a retry may run afresh); answers whether it existed.
     fn dlq_delete(&self, id: i64) -> BoxFuture<'_, StoreResult<bool>>;
 
-    /// Deletes every matching entry (pending ones too), and their queued or
-    /// parked idempotency records; answers how many entries.
-    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>>;
+    /// Deletes every matching entry (pending ones too) but those in
+    /// `except` (entries being sent now), and their queued or parked
+    /// idempotency records; answers how many entries it deleted and how
+    /// many matching ones it left for being in `except`.
+    fn dlq_purge<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        except: &'a [i64],
+    ) -> BoxFuture<'a, StoreResult<DlqPurged>>;
 
     /// Entry counts by operation and state.
     fn dlq_counts(&self) -> BoxFuture<'_, StoreResult<Vec<DlqCount>>>;
 
-    /// Deletes delivered and parked entries with `expires_at <= now`.
+    /// Deletes delivered and parked entries with `expires_at <= now`, and
+    /// the queued or parked idempotency records they hold.
     fn dlq_sweep(&self, now: UnixMillis) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Writes everything accepted so far and closes; later calls fail with

@@ -61,9 +61,9 @@ use sqlx::{ConnectOptions, Connection, Executor, Row, Sqlite};
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 
 use super::{
-    CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqState, DlqUpdate,
-    DueEntries, IdempotencyRecord, IdempotencyState, NewDeadLetter, PageRequest, Store, StoreError,
-    StoreResult, StoredResponse, UnreadableDeadLetter,
+    CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqPurged, DlqState,
+    DlqUpdate, DueEntries, IdempotencyRecord, IdempotencyState, NewDeadLetter, PageRequest, Store,
+    StoreError, StoreResult, StoredResponse, UnreadableDeadLetter,
 };
 use crate::clock::UnixMillis;
 
@@ -178,8 +178,12 @@ const IDEM_ANSWER_OF_ENTRY: &str = "UPDATE idempotency SET state = 'completed', 
      expires_at = ?7 \
      WHERE operation = ?1 AND key = ?2 AND dlq_id = ?3 \
        AND state IN ('queued', 'parked', 'completed')";
-/// The record held by dead letter `?3`, queued, follows its entry into `parked`.
-const IDEM_PARK_OF_ENTRY: &str = "UPDATE idempotency SET state = 'parked', expires_at = ?4 \
+/// The record held by dead letter `?3`, queued, follows its entry into
+/// `parked`. It does not expire: it goes with its entry (deleted, purged or
+/// swept together), so a duplicate can never run parked work beside a
+/// later replay of the entry.
+const IDEM_PARK_OF_ENTRY: &str = "UPDATE idempotency SET state = 'parked', \
+     expires_at = 9223372036854775807 \
      WHERE operation = ?1 AND key = ?2 AND dlq_id = ?3 AND state = 'queued'";
 /// Records of the entries a requeue makes pending again become queued.
 const IDEM_REQUEUE: &str = concat!(
@@ -190,13 +194,14 @@ const IDEM_REQUEUE: &str = concat!(
     dlq_filter!(),
     " AND (state <> 'delivered' OR ?3 = 'delivered') AND idempotency_key IS NOT NULL)"
 );
-/// Records held (queued or parked) by the entries a purge deletes.
+/// Records held (queued or parked) by the entries a purge deletes (`?5`:
+/// a JSON array of ids it leaves alone).
 const IDEM_OF_PURGED: &str = concat!(
     "DELETE FROM idempotency WHERE state IN ('queued', 'parked') \
        AND (operation, key, dlq_id) IN (SELECT operation, idempotency_key, id FROM dlq \
          WHERE id > ?1 AND ",
     dlq_filter!(),
-    " AND idempotency_key IS NOT NULL)"
+    " AND id NOT IN (SELECT value FROM json_each(?5)) AND idempotency_key IS NOT NULL)"
 );
 /// The record held (queued or parked) by entry `?1`.
 const IDEM_OF_DELETED: &str = "DELETE FROM idempotency WHERE state IN ('queued', 'parked') \
@@ -208,6 +213,11 @@ const IDEM_OF_UNREADABLE: &str = "UPDATE idempotency SET state = 'parked', \
        AND (operation, key, dlq_id) IN \
          (SELECT operation, idempotency_key, id FROM dlq WHERE id = ?1)";
 const IDEM_SWEEP: &str = "DELETE FROM idempotency WHERE expires_at <= ?1";
+/// Records held (queued or parked) by the entries a sweep deletes.
+const IDEM_OF_SWEPT: &str = "DELETE FROM idempotency WHERE state IN ('queued', 'parked') \
+       AND (operation, key, dlq_id) IN (SELECT operation, idempotency_key, id FROM dlq \
+         WHERE state IN ('delivered', 'parked') AND expires_at <= ?1 \
+           AND idempotency_key IS NOT NULL)";
 
 const CACHE_PUT: &str = "INSERT INTO cache (operation, key, status, content_type, body, fetched_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
@@ -274,7 +284,17 @@ const DLQ_PARK_UNREADABLE: &str = "UPDATE dlq SET state = 'parked', \
      error_code = 'unreadable_record', error_message = ?2, last_attempt_at = ?3, \
      delivered_status = NULL, expires_at = NULL WHERE id = ?1 AND state = 'pending'";
 const DLQ_DELETE: &str = "DELETE FROM dlq WHERE id = ?1";
-const DLQ_PURGE: &str = concat!("DELETE FROM dlq WHERE id > ?1 AND ", dlq_filter!());
+const DLQ_PURGE: &str = concat!(
+    "DELETE FROM dlq WHERE id > ?1 AND ",
+    dlq_filter!(),
+    " AND id NOT IN (SELECT value FROM json_each(?5))"
+);
+/// Matching entries a purge leaves alone (`?5`, as in [`DLQ_PURGE`]).
+const DLQ_PURGE_SKIPPED: &str = concat!(
+    "SELECT COUNT(*) FROM dlq WHERE id > ?1 AND ",
+    dlq_filter!(),
+    " AND id IN (SELECT value FROM json_each(?5))"
+);
 const DLQ_COUNTS: &str = "SELECT operation, state, COUNT(*) AS n FROM dlq \
      GROUP BY operation, state ORDER BY operation, state";
 const DLQ_SWEEP: &str =
@@ -524,8 +544,7 @@ async fn key_follows_entry(
         None if park => sqlx::query(IDEM_PARK_OF_ENTRY)
             .bind(entry.operation.as_str())
             .bind(key.as_str())
-            .bind(entry.id)
-            .bind(key_expires_at),
+            .bind(entry.id),
         None => return Ok(()),
     };
     query
@@ -1048,29 +1067,53 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>> {
+    fn dlq_purge<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        except: &'a [i64],
+    ) -> BoxFuture<'a, StoreResult<DlqPurged>> {
         const OP: &str = "dlq_purge";
         let filter = filter.clone();
+        // A JSON array of integers: `Vec<i64>` always serializes.
+        let except = serde_json::to_string(except).unwrap_or_else(|_| "[]".to_owned());
         Box::pin(self.write_steps(OP, move |conn| {
             Box::pin(async move {
                 let state = filter.state.map(DlqState::as_str);
+                let skipped: i64 = if except == "[]" {
+                    0
+                } else {
+                    sqlx::query_scalar(DLQ_PURGE_SKIPPED)
+                        .bind(i64::MIN)
+                        .bind(filter.operation.as_deref())
+                        .bind(state)
+                        .bind(filter.error_code.as_deref())
+                        .bind(except.as_str())
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(|e| query_error(OP, &e))?
+                };
                 sqlx::query(IDEM_OF_PURGED)
                     .bind(i64::MIN)
                     .bind(filter.operation.as_deref())
                     .bind(state)
                     .bind(filter.error_code.as_deref())
+                    .bind(except.as_str())
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| query_error(OP, &e))?;
                 let done = sqlx::query(DLQ_PURGE)
                     .bind(i64::MIN)
-                    .bind(filter.operation)
+                    .bind(filter.operation.as_deref())
                     .bind(state)
-                    .bind(filter.error_code)
+                    .bind(filter.error_code.as_deref())
+                    .bind(except.as_str())
                     .execute(&mut *conn)
                     .await
                     .map_err(|e| query_error(OP, &e))?;
-                Ok(done.rows_affected())
+                Ok(DlqPurged {
+                    deleted: done.rows_affected(),
+                    skipped: u64::try_from(skipped).unwrap_or(0),
+                })
             })
         }))
     }
@@ -1088,8 +1131,13 @@ impl Store for SqliteStore {
     }
 
     fn dlq_sweep(&self, now: UnixMillis) -> BoxFuture<'_, StoreResult<u64>> {
-        Box::pin(self.write("dlq_sweep", move |conn| {
+        Box::pin(self.write_steps("dlq_sweep", move |conn| {
             Box::pin(async move {
+                sqlx::query(IDEM_OF_SWEPT)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| query_error("dlq_sweep", &e))?;
                 let done = sqlx::query(DLQ_SWEEP)
                     .bind(now)
                     .execute(&mut *conn)
@@ -2249,7 +2297,7 @@ mod tests {
         store.dlq_update(a, parked(10, "x", 900)).await.unwrap();
         let record = store.idempotency_get("op", "a").await.unwrap().unwrap();
         assert_eq!(record.state, IdempotencyState::Parked { dlq_id: a });
-        assert_eq!(record.expires_at, 900);
+        assert_eq!(record.expires_at, i64::MAX, "goes with its entry");
         let parked_only = DlqFilter {
             state: Some(DlqState::Parked),
             ..DlqFilter::default()
@@ -2298,15 +2346,16 @@ mod tests {
             error_code: Some("y".into()),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_purge(&by_code).await.unwrap(), 1);
+        assert_eq!(store.dlq_purge(&by_code, &[]).await.unwrap().deleted, 1);
         assert_eq!(state_of(&store, "op", "q").await, None);
 
-        // Day 3: the key expired and a new call (other params) took it and
-        // completed. The old entry's delivery, park, requeue, or deletion
-        // must not touch the new call's record.
+        // Day 3: the delivered answer's key expired and a new call (other
+        // params) took it and completed. An admin's resend of the delivered
+        // entry, its park or delivery, or its deletion must not touch the
+        // new call's record.
         let old = queue("order-42").await;
         store
-            .dlq_update(old, parked(10, "z", 9_000_000))
+            .dlq_update(old, delivered(10, 200, 9_000_000))
             .await
             .unwrap();
         let record = store
@@ -2321,18 +2370,26 @@ mod tests {
             .unwrap()
         {
             Claim::Claimed(token) => token,
-            other => panic!("the expired parked key is free: {other:?}"),
+            other => panic!("the expired answer's key is free: {other:?}"),
         };
         store
             .idempotency_complete("op", "order-42", &token, &answer(200, "new"), later + 99)
             .await
             .unwrap();
         let new_record = store.idempotency_get("op", "order-42").await.unwrap();
-        let z_only = DlqFilter {
-            error_code: Some("z".into()),
+        let resend = DlqFilter {
+            state: Some(DlqState::Delivered),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_requeue(&z_only, later).await.unwrap(), 1);
+        assert_eq!(store.dlq_requeue(&resend, later).await.unwrap(), 2);
+        store
+            .dlq_update(old, parked(later, "z", later + 5))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.idempotency_get("op", "order-42").await.unwrap(),
+            new_record
+        );
         store
             .dlq_update(old, delivered(later, 200, later + 5))
             .await
@@ -2347,6 +2404,39 @@ mod tests {
             new_record
         );
         assert_eq!(new_record.unwrap().fingerprint, "fp-new");
+        store.close().await.unwrap();
+    }
+
+    /// Round 2, item 2: a parked key lasts as long as its entry, far past
+    /// the key's ttl, so a duplicate never runs the parked work beside a
+    /// later replay; the entry's sweep takes both.
+    #[tokio::test]
+    async fn a_parked_key_lasts_as_long_as_its_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let token = claim(&store, "k", "fp", 1_000, 2_000, 5_000).await;
+        let mut entry = letter("op", 1);
+        entry.idempotency_key = Some("k".into());
+        let id = store.dlq_insert_holding(entry, Some(&token)).await.unwrap();
+        store
+            .dlq_update(id, parked(10, "x", 900_000))
+            .await
+            .unwrap();
+
+        // Long past the key's ttl, before the entry's retention ends.
+        assert_eq!(store.idempotency_sweep(899_999).await.unwrap(), 0);
+        assert_eq!(store.dlq_sweep(899_999).await.unwrap(), 0);
+        let held = store
+            .idempotency_claim("op", "k", "fp", 899_999, 900_999, 999_999)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&held, Claim::Existing(r) if r.state == IdempotencyState::Parked { dlq_id: id }),
+            "{held:?}"
+        );
+
+        assert_eq!(store.dlq_sweep(900_000).await.unwrap(), 1);
+        assert_eq!(state_of(&store, "op", "k").await, None, "swept with it");
         store.close().await.unwrap();
     }
 
@@ -2976,19 +3066,44 @@ mod tests {
             state: Some(DlqState::Parked),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_purge(&filter).await.unwrap(), 0);
-        store.dlq_insert(letter("c", 1)).await.unwrap();
+        assert_eq!(
+            store.dlq_purge(&filter, &[]).await.unwrap(),
+            DlqPurged::default()
+        );
+        let c1 = store.dlq_insert(letter("c", 1)).await.unwrap();
         let b_only = DlqFilter {
             operation: Some("b".into()),
             ..DlqFilter::default()
         };
-        assert_eq!(store.dlq_purge(&b_only).await.unwrap(), 1);
+        // Excepted entries stay; only matching ones count as skipped.
+        assert_eq!(
+            store.dlq_purge(&b_only, &[b1, c1, 999]).await.unwrap(),
+            DlqPurged {
+                deleted: 0,
+                skipped: 1
+            }
+        );
+        assert!(store.dlq_get(b1).await.unwrap().is_some());
+        assert_eq!(
+            store.dlq_purge(&b_only, &[c1]).await.unwrap(),
+            DlqPurged {
+                deleted: 1,
+                skipped: 0
+            }
+        );
         assert_eq!(store.dlq_get(b1).await.unwrap(), None);
         assert_eq!(
             store.dlq_counts().await.unwrap(),
             vec![count("c", DlqState::Pending, 1)]
         );
-        assert_eq!(store.dlq_purge(&DlqFilter::default()).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .dlq_purge(&DlqFilter::default(), &[])
+                .await
+                .unwrap()
+                .deleted,
+            1
+        );
         assert!(store.dlq_counts().await.unwrap().is_empty());
         store.close().await.unwrap();
     }
@@ -3105,7 +3220,7 @@ mod tests {
         assert_eq!(store.dlq_update(id, update).await.map(drop), closed);
         assert_eq!(store.dlq_requeue(&filter, 1).await.map(drop), closed);
         assert_eq!(store.dlq_delete(id).await.map(drop), closed);
-        assert_eq!(store.dlq_purge(&filter).await.map(drop), closed);
+        assert_eq!(store.dlq_purge(&filter, &[]).await.map(drop), closed);
         assert_eq!(store.dlq_counts().await.map(drop), closed);
         assert_eq!(store.dlq_sweep(1).await.map(drop), closed);
         assert_eq!(store.flush().await, closed);
@@ -3806,8 +3921,11 @@ mod tests {
     }
 
     /// A version 1 store (as the previous release left it) migrates to the
-    /// current schema keeping its records: a queued key, an in-flight claim
-    /// of a crashed process, a completed answer.
+    /// current schema keeping its records: an in-flight claim of a crashed
+    /// process, a completed answer. Round 2, item 6: version 1 left every
+    /// dead-lettered key `queued` with the key's ttl; each now follows its
+    /// entry (pending: no expiry; parked: parked; gone: freed; delivered:
+    /// as it was).
     #[tokio::test]
     async fn a_version_1_store_is_migrated_keeping_its_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -3830,7 +3948,23 @@ mod tests {
              content_type, body, dlq_id, created_at, expires_at) VALUES \
              ('op', 'flight', 'f', 'in_flight', 50, NULL, NULL, NULL, NULL, 1, 1000), \
              ('op', 'done', 'f', 'completed', NULL, 200, 'text/plain', x'6f6b', NULL, 1, 1000), \
-             ('op', 'queued', 'f', 'queued', NULL, NULL, NULL, NULL, 7, 1, 1000)",
+             ('op', 'queued', 'f', 'queued', NULL, NULL, NULL, NULL, 7, 1, 1000), \
+             ('op', 'was-parked', 'f', 'queued', NULL, NULL, NULL, NULL, 8, 1, 1000), \
+             ('op', 'was-delivered', 'f', 'queued', NULL, NULL, NULL, NULL, 9, 1, 1000), \
+             ('op', 'was-deleted', 'f', 'queued', NULL, NULL, NULL, NULL, 6, 1, 1000), \
+             ('op', 'other-key', 'f', 'queued', NULL, NULL, NULL, NULL, 10, 1, 1000)",
+        )
+        .await
+        .unwrap();
+        // Entry 6 was deleted; entry 10 belongs to another key.
+        conn.execute(
+            "INSERT INTO dlq (id, operation, params, idempotency_key, priority, state, \
+             error_code, error_message, call_attempts, redrive_attempts, first_attempt_at, \
+             last_attempt_at, next_attempt_at, delivered_status, expires_at) VALUES \
+             (7, 'op', '{}', 'queued', NULL, 'pending', 'x', 'x', 1, 0, 1, 1, 5, NULL, NULL), \
+             (8, 'op', '{}', 'was-parked', NULL, 'parked', 'x', 'x', 1, 5, 1, 1, 5, NULL, 9000), \
+             (9, 'op', '{}', 'was-delivered', NULL, 'delivered', 'x', 'x', 1, 1, 1, 1, 5, 201, 9000), \
+             (10, 'op', '{}', 'another', NULL, 'pending', 'x', 'x', 1, 0, 1, 1, 5, NULL, NULL)",
         )
         .await
         .unwrap();
@@ -3849,10 +3983,21 @@ mod tests {
                 body: Bytes::from_static(b"ok"),
             }))
         );
-        assert_eq!(
-            state_of(&store, "op", "queued").await,
-            Some(IdempotencyState::Queued { dlq_id: 7 })
-        );
+        let record = |key: &'static str| {
+            let store = &store;
+            async move { store.idempotency_get("op", key).await.unwrap() }
+        };
+        let queued = record("queued").await.expect("kept");
+        assert_eq!(queued.state, IdempotencyState::Queued { dlq_id: 7 });
+        assert_eq!(queued.expires_at, i64::MAX, "pending: no expiry");
+        let parked = record("was-parked").await.expect("kept");
+        assert_eq!(parked.state, IdempotencyState::Parked { dlq_id: 8 });
+        assert_eq!(parked.expires_at, i64::MAX, "lasts as long as its entry");
+        let delivered = record("was-delivered").await.expect("kept");
+        assert_eq!(delivered.state, IdempotencyState::Queued { dlq_id: 9 });
+        assert_eq!(delivered.expires_at, 1000, "as version 1 left it");
+        assert_eq!(record("was-deleted").await, None, "its entry is gone");
+        assert_eq!(record("other-key").await, None, "no entry of its own");
         // The crashed claim has no token: taken over once its lease lapsed.
         claim(&store, "flight", "f", 50, 60, 1000).await;
         store.integrity_check().await.unwrap();

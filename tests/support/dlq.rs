@@ -21,8 +21,8 @@ use std::sync::Arc;
 use claygate::clock::UnixMillis;
 use claygate::store::sqlite::SqliteStore;
 use claygate::store::{
-    CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqUpdate, DueEntries,
-    IdempotencyRecord, NewDeadLetter, PageRequest, Store, StoreResult, StoredResponse,
+    CacheEntry, Claim, ClaimToken, DeadLetter, DlqCount, DlqFilter, DlqPage, DlqPurged, DlqUpdate,
+    DueEntries, IdempotencyRecord, NewDeadLetter, PageRequest, Store, StoreResult, StoredResponse,
 };
 use futures_util::future::BoxFuture;
 
@@ -195,8 +195,12 @@ impl Store for PausedSafe {
         Box::pin(inhibited(self.0.dlq_delete(id)))
     }
 
-    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>> {
-        Box::pin(inhibited(self.0.dlq_purge(filter)))
+    fn dlq_purge<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        except: &'a [i64],
+    ) -> BoxFuture<'a, StoreResult<DlqPurged>> {
+        Box::pin(inhibited(self.0.dlq_purge(filter, except)))
     }
 
     fn dlq_counts(&self) -> BoxFuture<'_, StoreResult<Vec<DlqCount>>> {
@@ -390,8 +394,12 @@ impl Store for Spy {
         self.inner.dlq_delete(id)
     }
 
-    fn dlq_purge<'a>(&'a self, filter: &'a DlqFilter) -> BoxFuture<'a, StoreResult<u64>> {
-        self.inner.dlq_purge(filter)
+    fn dlq_purge<'a>(
+        &'a self,
+        filter: &'a DlqFilter,
+        except: &'a [i64],
+    ) -> BoxFuture<'a, StoreResult<DlqPurged>> {
+        self.inner.dlq_purge(filter, except)
     }
 
     fn dlq_counts(&self) -> BoxFuture<'_, StoreResult<Vec<DlqCount>>> {

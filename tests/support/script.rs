@@ -213,6 +213,16 @@ timeouts: { request: 5s }
 /// Compiles `UPSTREAM` + `operations` (a YAML `operations:` block) with every
 /// upstream answered by `script`.
 pub fn compile_script(operations: &str, script: &Script, previous: Option<&Compiled>) -> Compiled {
+    compile_script_env(operations, script, previous, |_| None)
+}
+
+/// [`compile_script`] with `env` answering `${env:…}` references.
+pub fn compile_script_env(
+    operations: &str,
+    script: &Script,
+    previous: Option<&Compiled>,
+    env: fn(&str) -> Option<String>,
+) -> Compiled {
     let text = format!("{UPSTREAM}{operations}");
     let loaded = load_str(
         "test.yaml",
@@ -226,7 +236,7 @@ pub fn compile_script(operations: &str, script: &Script, previous: Option<&Compi
     };
     let script = script.clone();
     let options = CompileOptions {
-        env: Box::new(|_| None),
+        env: Box::new(env),
         transport: Some(Box::new(move |_| {
             Arc::new(script.clone()) as Arc<dyn Transport>
         })),
