@@ -16,8 +16,11 @@
 //! | bulkhead | always (limits are updated in place; held permits stay honoured) |
 //! | rate limiter (tokens, quota gate) | the upstream's `rate_limit` is equal (an upstream without one gets an unlimited limiter, for its quota gate); a closed quota gate carries over to a new limiter too |
 //! | HTTP client (connection pool) | base URL, headers, connect timeout and body limit are equal |
+//! | params validator | the operation's `params_schema` is equal |
+//!
+//! Operations whose `params_schema`s are equal share one validator.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -165,6 +168,7 @@ pub fn compile_plan(
     }
     let mut operations = BTreeMap::new();
     let mut carried = BTreeMap::new();
+    let mut validators = Validators::default();
     for (name, op) in &set.operations {
         let place = format!("operation {name}");
         // Operation headers may hold `${env:…}` (secrets) as well as `{{ params }}`.
@@ -249,19 +253,23 @@ pub fn compile_plan(
             None => None,
         };
         let params_schema = match &op.params_schema {
-            Some(schema) => match jsonschema::draft202012::options()
-                .should_validate_formats(true)
-                .build(schema)
-            {
-                Ok(v) => Some(Arc::new(v)),
-                Err(e) => {
-                    errors.push(CompileError::Invalid {
-                        place: format!("{place}, params_schema"),
-                        reason: e.to_string(),
-                    });
-                    continue;
+            Some(schema) => {
+                let unchanged = previous
+                    .and_then(|p| p.set.operations.get(name)?.params_schema.as_ref())
+                    .filter(|old| *old == schema)
+                    .and(before)
+                    .and_then(|b| b.params_schema.clone());
+                match validators.get(schema, unchanged) {
+                    Ok(v) => Some(v),
+                    Err(reason) => {
+                        errors.push(CompileError::Invalid {
+                            place: format!("{place}, params_schema"),
+                            reason,
+                        });
+                        continue;
+                    }
                 }
-            },
+            }
             None => None,
         };
         let idempotency = idempotency_config(op, idempotency_header.clone());
@@ -353,6 +361,43 @@ impl Compiled {
         for (bulkhead, config) in pending {
             bulkhead.reconfigure(config);
         }
+    }
+}
+
+/// The params validators of one compile, by schema: operations with equal
+/// `params_schema`s share one validator (it is immutable), built once.
+/// Building one (regexes, formats, the schema checked against its
+/// meta-schema) costs far more per operation than the rest of its pipeline.
+#[derive(Default)]
+struct Validators {
+    /// By the schema's compact JSON text: equal texts are equal schemas.
+    by_text: HashMap<String, Arc<jsonschema::Validator>>,
+}
+
+impl Validators {
+    /// The validator of `schema`: `unchanged` (the previous generation's,
+    /// when the operation's schema is the same), one already built for an
+    /// equal schema, or a new one.
+    fn get(
+        &mut self,
+        schema: &serde_json::Value,
+        unchanged: Option<Arc<jsonschema::Validator>>,
+    ) -> Result<Arc<jsonschema::Validator>, String> {
+        let text = schema.to_string();
+        if let Some(v) = self.by_text.get(&text) {
+            return Ok(Arc::clone(v));
+        }
+        let validator = match unchanged {
+            Some(v) => v,
+            None => Arc::new(
+                jsonschema::draft202012::options()
+                    .should_validate_formats(true)
+                    .build(schema)
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        self.by_text.insert(text, Arc::clone(&validator));
+        Ok(validator)
     }
 }
 
@@ -629,5 +674,70 @@ operations:
         tokio::time::advance(Duration::from_secs(31)).await;
         let later = compile_with(&set(30), Some(&next), &options).expect("compiles");
         assert_eq!(limiter(&later).snapshot().gate_closed_for_ms, None);
+    }
+
+    fn schemas(b_max: u32) -> PolicySet {
+        let text = format!(
+            "version: 1
+upstreams:
+  clay: {{ base_url: \"http://127.0.0.1:9\" }}
+operations:
+  a:
+    upstream: clay
+    request: {{ method: GET, path: \"/a/{{{{ params.id }}}}\" }}
+    params_schema: {{ type: object, properties: {{ id: {{ type: string, maxLength: 3 }} }} }}
+  b:
+    upstream: clay
+    request: {{ method: GET, path: \"/b/{{{{ params.id }}}}\" }}
+    params_schema: {{ type: object, properties: {{ id: {{ type: string, maxLength: {b_max} }} }} }}
+  c:
+    upstream: clay
+    request: {{ method: GET, path: \"/c/{{{{ params.id }}}}\" }}
+    params_schema: {{ type: object, properties: {{ id: {{ type: string, maxLength: 3 }} }} }}
+"
+        );
+        let loaded = load_str("p.yaml", &text, LoadOptions::default());
+        loaded
+            .set
+            .unwrap_or_else(|| panic!("valid: {:#?}", loaded.diagnostics))
+    }
+
+    fn validator(compiled: &Compiled, op: &str) -> Arc<jsonschema::Validator> {
+        compiled.operations[op]
+            .params_schema
+            .clone()
+            .expect("a params validator")
+    }
+
+    #[test]
+    fn equal_params_schemas_share_one_validator_and_unchanged_ones_carry_over() {
+        let options = CompileOptions::default();
+        let first = compile_with(&schemas(3), None, &options).expect("compiles");
+        assert!(Arc::ptr_eq(
+            &validator(&first, "a"),
+            &validator(&first, "c")
+        ));
+        assert!(Arc::ptr_eq(
+            &validator(&first, "a"),
+            &validator(&first, "b")
+        ));
+        let long = serde_json::json!({"id": "abcd"});
+        for op in ["a", "b", "c"] {
+            assert!(!validator(&first, op).is_valid(&long), "{op}");
+            assert!(validator(&first, op).is_valid(&serde_json::json!({"id": "abc"})));
+        }
+
+        let next = compile_with(&schemas(5), Some(&first), &options).expect("compiles");
+        assert!(Arc::ptr_eq(&validator(&next, "a"), &validator(&first, "a")));
+        assert!(Arc::ptr_eq(&validator(&next, "c"), &validator(&first, "c")));
+        assert!(!Arc::ptr_eq(
+            &validator(&next, "b"),
+            &validator(&first, "b")
+        ));
+        assert!(
+            validator(&next, "b").is_valid(&long),
+            "b's new schema serves"
+        );
+        assert!(!validator(&next, "a").is_valid(&long));
     }
 }

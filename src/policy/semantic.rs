@@ -5,7 +5,7 @@
 //!
 //! Every check pushes diagnostics and goes on; none stops the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde_json::Value;
 
@@ -76,6 +76,7 @@ pub(crate) fn check(
         files,
         elsewhere,
         out: Vec::new(),
+        valid_schemas: HashSet::new(),
     };
     let (set, homes) = cx.merge();
     for (i, f) in files.iter().enumerate() {
@@ -103,6 +104,9 @@ struct Checker<'a> {
     files: &'a [Parsed],
     elsewhere: &'a Elsewhere,
     out: Vec<Diagnostic>,
+    /// `params_schema`s already found valid, as compact JSON: building a
+    /// validator is the costliest check, and many operations share a schema.
+    valid_schemas: HashSet<String>,
 }
 
 /// The value of a string with `${env:…}` references as the server would see
@@ -976,16 +980,20 @@ impl Checker<'_> {
         schema: Option<&Value>,
     ) -> Option<Option<BTreeSet<String>>> {
         let schema = schema?;
-        if let Err(e) = jsonschema::draft202012::new(schema) {
-            let inner = e.instance_path().as_str();
-            let at = format!("{pointer}{inner}");
-            self.error(
-                Code::InvalidParamsSchema,
-                file,
-                &at,
-                format!("params_schema is not a valid JSON Schema: {e}"),
-            );
-            return Some(None);
+        let text = schema.to_string();
+        if !self.valid_schemas.contains(&text) {
+            if let Err(e) = jsonschema::draft202012::new(schema) {
+                let inner = e.instance_path().as_str();
+                let at = format!("{pointer}{inner}");
+                self.error(
+                    Code::InvalidParamsSchema,
+                    file,
+                    &at,
+                    format!("params_schema is not a valid JSON Schema: {e}"),
+                );
+                return Some(None);
+            }
+            self.valid_schemas.insert(text);
         }
         match schema.get("properties").and_then(Value::as_object) {
             Some(props) => Some(Some(props.keys().cloned().collect())),
