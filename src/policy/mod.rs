@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use diagnostic::{Code, Diagnostic, Severity, SourceLookup, Span, Summary};
 use load::Document;
 use model::{Defaults, Duration, HealthPolicy, Operation, PolicyFile, Upstream};
+use serde_json::Value;
 
 /// A checked policy set: every file of a directory merged, with every
 /// reference resolved and every rule holding.
@@ -283,53 +284,131 @@ pub(crate) struct Parsed {
     pub(crate) policy: PolicyFile,
 }
 
+/// What the per-file phases (parse, schema, typed model) made of one file.
+enum FileOutcome {
+    /// Nothing but comments.
+    Empty,
+    /// It does not parse.
+    Unparsed(Vec<Diagnostic>),
+    /// It parsed, but breaks the schema or does not read as the model.
+    Invalid(Value, Vec<Diagnostic>),
+    /// It passed.
+    Parsed(Parsed),
+}
+
+/// Parses one file and checks it against the schema and the model.
+fn check_file(file: &SourceFile) -> FileOutcome {
+    let doc = match load::parse_yaml(&file.name, &file.text) {
+        Ok(Some(doc)) => doc,
+        Ok(None) => return FileOutcome::Empty,
+        Err(problems) => return FileOutcome::Unparsed(problems),
+    };
+    let problems = schema::check(&file.name, &doc.value, &doc.spans);
+    if !problems.is_empty() {
+        return FileOutcome::Invalid(doc.value, problems);
+    }
+    match <PolicyFile as serde::Deserialize>::deserialize(&doc.value) {
+        Ok(policy) => FileOutcome::Parsed(Parsed {
+            name: file.name.clone(),
+            doc,
+            policy,
+        }),
+        // The schema and the model are tested to agree; should they ever
+        // drift, the user still gets a diagnostic, never a panic.
+        Err(e) => {
+            let d = Diagnostic::error(
+                Code::InvalidValue,
+                &file.name,
+                None,
+                format!("policy does not read as version 1: {e}"),
+            );
+            FileOutcome::Invalid(doc.value, vec![d])
+        }
+    }
+}
+
+/// Below this many bytes of policy text, files are checked on the calling
+/// thread: starting threads would cost more than they save.
+const PARALLEL_BYTES: usize = 256 * 1024;
+
+/// How many threads check `files`: one for small sets, else as many as
+/// the machine runs at once (files are independent until they are merged).
+fn threads_for(files: &[SourceFile]) -> usize {
+    let bytes: usize = files.iter().map(|f| f.text.len()).sum();
+    if bytes < PARALLEL_BYTES {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// [`check_file`] for every file, in order, on up to `threads` threads.
+fn check_files(files: &[SourceFile], threads: usize) -> Vec<FileOutcome> {
+    let threads = threads.min(files.len());
+    if threads <= 1 {
+        return files.iter().map(check_file).collect();
+    }
+    let mut slots: Vec<Option<FileOutcome>> = Vec::new();
+    slots.resize_with(files.len(), || None);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..files.len())
+                        .step_by(threads)
+                        .map(|i| (i, check_file(&files[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for worker in workers {
+            // A worker panics only if check_file does, which it would on
+            // this thread too: pass it on.
+            let done = worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (i, outcome) in done {
+                slots[i] = Some(outcome);
+            }
+        }
+    });
+    slots.into_iter().flatten().collect()
+}
+
 /// Checks already-read sources as one set; `diagnostics` are problems found while reading.
 pub fn load_sources(
     sources: Sources,
+    diagnostics: Vec<Diagnostic>,
+    options: LoadOptions,
+) -> Loaded {
+    let threads = threads_for(&sources.files);
+    load_sources_on(sources, diagnostics, options, threads)
+}
+
+/// [`load_sources`], checking files on up to `threads` threads.
+fn load_sources_on(
+    sources: Sources,
     mut diagnostics: Vec<Diagnostic>,
     options: LoadOptions,
+    threads: usize,
 ) -> Loaded {
     let mut parsed = Vec::new();
     let mut known = semantic::Elsewhere::default();
-    for file in &sources.files {
-        let doc = match load::parse_yaml(&file.name, &file.text) {
-            Ok(Some(doc)) => doc,
-            Ok(None) => {
-                diagnostics.push(
-                    Diagnostic::warning(Code::EmptyFile, &file.name, None, "file is empty")
-                        .hint("add `version: 1`, or remove the file"),
-                );
-                continue;
-            }
-            Err(problems) => {
+    let outcomes = check_files(&sources.files, threads);
+    for (file, outcome) in sources.files.iter().zip(outcomes) {
+        match outcome {
+            FileOutcome::Empty => diagnostics.push(
+                Diagnostic::warning(Code::EmptyFile, &file.name, None, "file is empty")
+                    .hint("add `version: 1`, or remove the file"),
+            ),
+            FileOutcome::Unparsed(problems) => {
                 diagnostics.extend(problems);
                 known.complete = false;
-                continue;
             }
-        };
-        let problems = schema::check(&file.name, &doc.value, &doc.spans);
-        if !problems.is_empty() {
-            diagnostics.extend(problems);
-            known.add_names_of(&doc.value);
-            continue;
-        }
-        match <PolicyFile as serde::Deserialize>::deserialize(&doc.value) {
-            Ok(policy) => parsed.push(Parsed {
-                name: file.name.clone(),
-                doc,
-                policy,
-            }),
-            // The schema and the model are tested to agree; should they ever
-            // drift, the user still gets a diagnostic, never a panic.
-            Err(e) => {
-                known.add_names_of(&doc.value);
-                diagnostics.push(Diagnostic::error(
-                    Code::InvalidValue,
-                    &file.name,
-                    None,
-                    format!("policy does not read as version 1: {e}"),
-                ));
+            FileOutcome::Invalid(value, problems) => {
+                diagnostics.extend(problems);
+                known.add_names_of(&value);
             }
+            FileOutcome::Parsed(p) => parsed.push(p),
         }
     }
     let (set, problems) = semantic::check(&parsed, &known, options);
@@ -362,4 +441,87 @@ fn sort_diagnostics(diagnostics: &mut [Diagnostic], sources: &Sources) {
         };
         key(a).cmp(&key(b))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, text: String) -> SourceFile {
+        SourceFile {
+            name: name.to_owned(),
+            text,
+        }
+    }
+
+    fn ops(first: usize, count: usize) -> String {
+        let mut text = String::from("version: 1\noperations:\n");
+        for n in first..first + count {
+            text.push_str(&format!(
+                "  op_{n}:\n    upstream: up\n    request: {{ method: GET, path: \"/v1/{{{{ params.id }}}}\" }}\n    params_schema: {{ type: object, properties: {{ id: {{ type: string }} }} }}\n"
+            ));
+        }
+        text
+    }
+
+    fn sources(broken: bool) -> Sources {
+        let mut files = vec![file(
+            "00-up.yaml",
+            "version: 1\nupstreams:\n  up: { base_url: \"http://127.0.0.1:9\" }\n".into(),
+        )];
+        for f in 0..6 {
+            files.push(file(&format!("{:02}-ops.yaml", f + 1), ops(f * 50, 50)));
+        }
+        if broken {
+            files.push(file("10-syntax.yaml", "version: 1\noperations: [\n".into()));
+            files.push(file(
+                "11-schema.yaml",
+                "version: 1\noperations:\n  bad:\n    upstream: up\n    request: { method: GET, path: /x }\n    retries: 3\n".into(),
+            ));
+            files.push(file("12-twice.yaml", ops(10, 2)));
+            files.push(file("13-empty.yaml", "# nothing yet\n".into()));
+            files.push(file(
+                "14-hasty.yaml",
+                "version: 1\noperations:\n  hasty:\n    upstream: up\n    request: { method: GET, path: /x }\n    timeout: 5s\n    deadline: 1s\n".into(),
+            ));
+        }
+        Sources {
+            files,
+            undecoded: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn files_checked_on_several_threads_give_what_one_thread_gives() {
+        for broken in [false, true] {
+            let one = load_sources_on(sources(broken), Vec::new(), LoadOptions::default(), 1);
+            let many = load_sources_on(sources(broken), Vec::new(), LoadOptions::default(), 4);
+            assert_eq!(one.diagnostics, many.diagnostics, "broken: {broken}");
+            assert_eq!(one.set, many.set, "broken: {broken}");
+            assert_eq!(one.set.is_some(), !broken, "{:#?}", one.diagnostics);
+            if broken {
+                let codes: Vec<&str> = many.diagnostics.iter().map(|d| d.code.as_str()).collect();
+                for code in [
+                    "yaml-syntax",
+                    "unknown-field",
+                    "duplicate-name",
+                    "empty-file",
+                    "deadline-shorter-than-timeout",
+                ] {
+                    assert!(codes.contains(&code), "{code} missing from {codes:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_sets_are_checked_on_the_calling_thread() {
+        assert_eq!(threads_for(&sources(true).files), 1);
+        let big = vec![file("big.yaml", ops(0, 3000))];
+        assert!(big[0].text.len() >= PARALLEL_BYTES);
+        assert_eq!(
+            threads_for(&big),
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        );
+    }
 }
