@@ -24,7 +24,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use diagnostic::{Code, Diagnostic, Severity, SourceLookup, Span, Summary};
-use load::Document;
+use load::SpanIndex;
 use model::{Defaults, Duration, HealthPolicy, Operation, PolicyFile, Upstream};
 use serde_json::Value;
 
@@ -280,8 +280,12 @@ pub fn load_str(name: &str, text: &str, options: LoadOptions) -> Loaded {
 /// A file that parsed and passed the schema.
 pub(crate) struct Parsed {
     pub(crate) name: String,
-    pub(crate) doc: Document,
+    /// Where its nodes stand (its JSON value is not kept: the model and
+    /// the environment references were read from it on the file's thread).
+    pub(crate) spans: SpanIndex,
     pub(crate) policy: PolicyFile,
+    /// Problems with its `${env:…}` references, found on the file's thread.
+    pub(crate) env: Vec<Diagnostic>,
 }
 
 /// What the per-file phases (parse, schema, typed model) made of one file.
@@ -296,8 +300,9 @@ enum FileOutcome {
     Parsed(Parsed),
 }
 
-/// Parses one file and checks it against the schema and the model.
-fn check_file(file: &SourceFile) -> FileOutcome {
+/// Parses one file and checks it against the schema and the model, and
+/// its environment references.
+fn check_file(file: &SourceFile, options: LoadOptions) -> FileOutcome {
     let doc = match load::parse_yaml(&file.name, &file.text) {
         Ok(Some(doc)) => doc,
         Ok(None) => return FileOutcome::Empty,
@@ -308,11 +313,16 @@ fn check_file(file: &SourceFile) -> FileOutcome {
         return FileOutcome::Invalid(doc.value, problems);
     }
     match <PolicyFile as serde::Deserialize>::deserialize(&doc.value) {
-        Ok(policy) => FileOutcome::Parsed(Parsed {
-            name: file.name.clone(),
-            doc,
-            policy,
-        }),
+        Ok(policy) => {
+            let mut parsed = Parsed {
+                name: file.name.clone(),
+                spans: doc.spans,
+                policy,
+                env: Vec::new(),
+            };
+            parsed.env = semantic::env_references(&parsed, &doc.value, options.unset_env);
+            FileOutcome::Parsed(parsed)
+        }
         // The schema and the model are tested to agree; should they ever
         // drift, the user still gets a diagnostic, never a panic.
         Err(e) => {
@@ -342,10 +352,10 @@ fn threads_for(files: &[SourceFile]) -> usize {
 }
 
 /// [`check_file`] for every file, in order, on up to `threads` threads.
-fn check_files(files: &[SourceFile], threads: usize) -> Vec<FileOutcome> {
+fn check_files(files: &[SourceFile], options: LoadOptions, threads: usize) -> Vec<FileOutcome> {
     let threads = threads.min(files.len());
     if threads <= 1 {
-        return files.iter().map(check_file).collect();
+        return files.iter().map(|f| check_file(f, options)).collect();
     }
     let mut slots: Vec<Option<FileOutcome>> = Vec::new();
     slots.resize_with(files.len(), || None);
@@ -355,7 +365,7 @@ fn check_files(files: &[SourceFile], threads: usize) -> Vec<FileOutcome> {
                 scope.spawn(move || {
                     (t..files.len())
                         .step_by(threads)
-                        .map(|i| (i, check_file(&files[i])))
+                        .map(|i| (i, check_file(&files[i], options)))
                         .collect::<Vec<_>>()
                 })
             })
@@ -393,7 +403,7 @@ fn load_sources_on(
 ) -> Loaded {
     let mut parsed = Vec::new();
     let mut known = semantic::Elsewhere::default();
-    let outcomes = check_files(&sources.files, threads);
+    let outcomes = check_files(&sources.files, options, threads);
     for (file, outcome) in sources.files.iter().zip(outcomes) {
         match outcome {
             FileOutcome::Empty => diagnostics.push(
@@ -411,7 +421,7 @@ fn load_sources_on(
             FileOutcome::Parsed(p) => parsed.push(p),
         }
     }
-    let (set, problems) = semantic::check(&parsed, &known, options);
+    let (set, problems) = semantic::check(parsed, &known);
     diagnostics.extend(problems);
     sort_diagnostics(&mut diagnostics, &sources);
     let has_errors = diagnostics.iter().any(|d| d.severity == Severity::Error);

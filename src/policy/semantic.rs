@@ -14,10 +14,10 @@ use super::effective::{
     EffectiveBreaker, EffectiveRetry, default_dlq_backoff, redrive_span, resolve_timeout,
 };
 use super::load::{append_segment, push_segment};
-use super::model::{Backoff, BreakerPolicy, Operation, Priority, TimeoutRef};
+use super::model::{Backoff, BreakerPolicy, Operation, PolicyFile, Priority, TimeoutRef};
 use super::schema::did_you_mean;
 use super::template::{EnvString, Template};
-use super::{LoadOptions, Origin, Origins, Parsed, PolicySet, UnsetEnv};
+use super::{Origin, Origins, Parsed, PolicySet, UnsetEnv};
 
 /// What is known of files that did not make it to this phase, so their
 /// problems are reported once, not again as dangling references elsewhere.
@@ -68,19 +68,35 @@ impl Elsewhere {
 /// Merges the parsed files into one set and checks it. The set is returned
 /// even when there are errors (callers discard it then); diagnostics say why.
 pub(crate) fn check(
-    files: &[Parsed],
+    mut files: Vec<Parsed>,
     elsewhere: &Elsewhere,
-    options: LoadOptions,
 ) -> (Option<PolicySet>, Vec<Diagnostic>) {
+    // The set takes the files' definitions over rather than copies of them.
+    let policies: Vec<PolicyFile> = files
+        .iter_mut()
+        .map(|f| {
+            std::mem::replace(
+                &mut f.policy,
+                PolicyFile {
+                    version: 1,
+                    upstreams: BTreeMap::new(),
+                    timeouts: BTreeMap::new(),
+                    defaults: None,
+                    health: None,
+                    operations: BTreeMap::new(),
+                },
+            )
+        })
+        .collect();
     let mut cx = Checker {
-        files,
+        files: &files,
         elsewhere,
         out: Vec::new(),
         valid_schemas: HashSet::new(),
     };
-    let (set, homes) = cx.merge();
-    for (i, f) in files.iter().enumerate() {
-        cx.env_references(i, &f.doc.value, &mut String::new(), options.unset_env);
+    let (set, homes) = cx.merge(policies);
+    for f in &files {
+        cx.out.extend(f.env.iter().cloned());
     }
     cx.upstreams(&set, &homes);
     cx.timeouts_and_defaults(&set, &homes);
@@ -89,6 +105,19 @@ pub(crate) fn check(
         cx.operation(&set, name, op, home);
     }
     (Some(set), cx.out)
+}
+
+/// The problems with `${…}` references in one parsed file whose document
+/// is `value`.
+pub(crate) fn env_references(file: &Parsed, value: &Value, unset: UnsetEnv) -> Vec<Diagnostic> {
+    let mut cx = Checker {
+        files: std::slice::from_ref(file),
+        elsewhere: &Elsewhere::default(),
+        out: Vec::new(),
+        valid_schemas: HashSet::new(),
+    };
+    cx.env_references(0, value, &mut String::new(), unset);
+    cx.out
 }
 
 /// Which file each name came from (index into the parsed files).
@@ -130,7 +159,7 @@ impl Checker<'_> {
 
     /// The span to point at for the node at `pointer`: its key when `key`.
     fn span(&self, file: usize, pointer: &str, key: bool) -> Option<Span> {
-        let spans = &self.files[file].doc.spans;
+        let spans = &self.files[file].spans;
         if key {
             spans.key_span(pointer)
         } else {
@@ -182,7 +211,7 @@ impl Checker<'_> {
 
     // ---- merging -------------------------------------------------------
 
-    fn merge(&mut self) -> (PolicySet, Homes) {
+    fn merge(&mut self, policies: Vec<PolicyFile>) -> (PolicySet, Homes) {
         let mut homes = Homes::default();
         let mut set = PolicySet {
             upstreams: BTreeMap::new(),
@@ -193,42 +222,38 @@ impl Checker<'_> {
             origins: Origins::default(),
         };
         let mut health_home: Option<usize> = None;
-        for (i, f) in self.files.iter().enumerate() {
-            let p = &f.policy;
-            for (name, u) in &p.upstreams {
-                if self.claim(&mut homes.upstreams, "upstream", "upstreams", name, i) {
-                    set.upstreams.insert(name.clone(), u.clone());
-                    set.origins
-                        .upstreams
-                        .insert(name.clone(), self.origin(i, &ptr(&["upstreams", name])));
+        for (i, p) in policies.into_iter().enumerate() {
+            for (name, u) in p.upstreams {
+                if self.claim(&mut homes.upstreams, "upstream", "upstreams", &name, i) {
+                    let origin = self.origin(i, &ptr(&["upstreams", &name]));
+                    set.origins.upstreams.insert(name.clone(), origin);
+                    set.upstreams.insert(name, u);
                 }
             }
-            for (name, t) in &p.timeouts {
-                if self.claim(&mut homes.timeouts, "timeout class", "timeouts", name, i) {
-                    set.timeouts.insert(name.clone(), *t);
-                    set.origins
-                        .timeouts
-                        .insert(name.clone(), self.origin(i, &ptr(&["timeouts", name])));
+            for (name, t) in p.timeouts {
+                if self.claim(&mut homes.timeouts, "timeout class", "timeouts", &name, i) {
+                    let origin = self.origin(i, &ptr(&["timeouts", &name]));
+                    set.origins.timeouts.insert(name.clone(), origin);
+                    set.timeouts.insert(name, t);
                 }
             }
-            for (name, op) in &p.operations {
-                if self.claim(&mut homes.operations, "operation", "operations", name, i) {
-                    set.operations.insert(name.clone(), op.clone());
-                    set.origins
-                        .operations
-                        .insert(name.clone(), self.origin(i, &ptr(&["operations", name])));
+            for (name, op) in p.operations {
+                if self.claim(&mut homes.operations, "operation", "operations", &name, i) {
+                    let origin = self.origin(i, &ptr(&["operations", &name]));
+                    set.origins.operations.insert(name.clone(), origin);
+                    set.operations.insert(name, op);
                 }
             }
-            if let Some(d) = &p.defaults
+            if let Some(d) = p.defaults
                 && self.claim_section(&mut homes.defaults, "defaults", i)
             {
-                set.defaults = d.clone();
+                set.defaults = d;
                 set.origins.defaults = Some(self.origin(i, "/defaults"));
             }
-            if let Some(h) = &p.health
+            if let Some(h) = p.health
                 && self.claim_section(&mut health_home, "health", i)
             {
-                set.health = h.clone();
+                set.health = h;
                 set.origins.health = Some(self.origin(i, "/health"));
             }
         }
