@@ -9,7 +9,9 @@
 //! retries, and some idempotency, fallback caches, static fallbacks and
 //! DLQs, 500 operations per file.
 //!
-//! Phases, each the median of several rounds (min–max in brackets):
+//! Phases, each the wall-clock median of several rounds (min–max in
+//! brackets) and the median CPU time of all threads (loading checks files
+//! on every core when the set is large):
 //! - load + validate: `load_paths` (read, YAML parse, JSON Schema, model,
 //!   semantic checks), as `claygate validate` and `serve` do;
 //! - compile: `compile_plan_owned` on the checked set with nothing before it
@@ -230,39 +232,70 @@ fn shape(text: &mut String, n: usize) {
     };
 }
 
-/// Median, min and max of a phase's samples.
-struct Figures {
-    median: Duration,
-    min: Duration,
-    max: Duration,
+/// CPU time this process has used so far, every thread's, user and system
+/// (Linux: `/proc/self/stat`, in ticks of 10 ms); `None` elsewhere.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses; utime and
+    // stime are fields 14 and 15 of the whole line.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ').skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
 }
 
-impl Figures {
-    fn of(samples: &mut [Duration]) -> Figures {
-        samples.sort();
-        Figures {
-            median: samples[samples.len() / 2],
-            min: samples[0],
-            max: samples[samples.len() - 1],
+/// One phase's samples: wall-clock time and CPU time.
+#[derive(Default)]
+struct Phase {
+    wall: Vec<Duration>,
+    cpu: Vec<Duration>,
+}
+
+impl Phase {
+    /// Runs `f`, recording how long it took.
+    fn time<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let cpu = cpu_time();
+        let started = Instant::now();
+        let out = f();
+        self.wall.push(started.elapsed());
+        if let (Some(before), Some(after)) = (cpu, cpu_time()) {
+            self.cpu.push(after.saturating_sub(before));
         }
+        out
+    }
+
+    /// The median wall-clock time.
+    fn median(&mut self) -> Duration {
+        self.wall.sort();
+        self.wall[self.wall.len() / 2]
     }
 }
 
-impl std::fmt::Display for Figures {
+impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mut wall = self.wall.clone();
+        wall.sort();
         write!(
             f,
-            "{:9.2} ms ({:.2}–{:.2})",
-            ms(self.median),
-            ms(self.min),
-            ms(self.max)
-        )
+            "{:8.1} ms ({:.1}–{:.1})",
+            ms(wall[wall.len() / 2]),
+            ms(wall[0]),
+            ms(wall[wall.len() - 1])
+        )?;
+        if !self.cpu.is_empty() {
+            let mut cpu = self.cpu.clone();
+            cpu.sort();
+            write!(f, ", CPU {:.0} ms", ms(cpu[cpu.len() / 2]))?;
+        }
+        Ok(())
     }
 }
 
-/// Times the phases on a generated set of `operations`, `rounds` times.
-fn measure(operations: usize, schemas: Schemas, rounds: usize) -> (Figures, Figures) {
+/// Times the phases on a generated set of `operations`, `rounds` times;
+/// answers the medians of compile and of serve's start.
+fn measure(operations: usize, schemas: Schemas, rounds: usize) -> (Duration, Duration) {
     let dir = tempfile::tempdir().expect("a temp dir");
     write_set(dir.path(), operations, schemas);
     let paths: Vec<PathBuf> = vec![dir.path().to_path_buf()];
@@ -284,36 +317,34 @@ fn measure(operations: usize, schemas: Schemas, rounds: usize) -> (Figures, Figu
     let options = CompileOptions::default();
     let mut previous = compile_with(&set, None, &options).unwrap_or_else(|e| panic!("{e:?}"));
 
-    let (mut load, mut compile, mut recompile, mut start) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut load, mut compile, mut recompile, mut start) = Default::default();
     for _ in 0..rounds {
-        let started = Instant::now();
-        let loaded = load_paths(black_box(&paths), LoadOptions::default()).expect("readable");
-        load.push(started.elapsed());
+        let loaded = Phase::time(&mut load, || {
+            load_paths(black_box(&paths), LoadOptions::default()).expect("readable")
+        });
         let set = loaded.set.expect("a valid set");
 
         // Serve and reload hand the set they loaded to compile (no copy).
         let owned = set.clone();
-        let started = Instant::now();
-        let compiled = compile_plan_owned(black_box(owned), None, &options);
-        if let Ok(c) = &compiled {
-            c.activate();
-        }
-        compile.push(started.elapsed());
+        let compiled = Phase::time(&mut compile, || {
+            let compiled = compile_plan_owned(black_box(owned), None, &options);
+            if let Ok(c) = &compiled {
+                c.activate();
+            }
+            compiled
+        });
         let compiled = compiled.unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(compiled.operations.len(), operations);
 
         let owned = set.clone();
-        let started = Instant::now();
-        let next = compile_plan_owned(black_box(owned), Some(&previous), &options);
-        recompile.push(started.elapsed());
+        let next = Phase::time(&mut recompile, || {
+            compile_plan_owned(black_box(owned), Some(&previous), &options)
+        });
         let next = next.unwrap_or_else(|e| panic!("{e:?}"));
         assert!(next.carried.values().all(|c| c.breaker && c.http_client));
 
         // All of what `claygate serve` does with the policies at start.
-        let started = Instant::now();
-        let prepared = prepare(black_box(&paths), None, &options, 0);
-        start.push(started.elapsed());
+        let prepared = Phase::time(&mut start, || prepare(black_box(&paths), None, &options, 0));
         let prepared = prepared.unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(prepared.compiled.operations.len(), operations);
 
@@ -330,17 +361,11 @@ fn measure(operations: usize, schemas: Schemas, rounds: usize) -> (Figures, Figu
         "{operations:>6} operations in {files} files ({:.1} KiB), {distinct}, {rounds} rounds:",
         bytes as f64 / 1024.0
     );
-    let (load, compile, recompile, start) = (
-        Figures::of(&mut load),
-        Figures::of(&mut compile),
-        Figures::of(&mut recompile),
-        Figures::of(&mut start),
-    );
-    println!("  load + validate        {load}");
-    println!("  compile (cold)         {compile}");
-    println!("  recompile (reload)     {recompile}");
-    println!("  serve's start (prepare: read, hash, load, validate, compile) {start}");
-    (compile, start)
+    println!("  load + validate            {load}");
+    println!("  compile (cold)             {compile}");
+    println!("  recompile (reload)         {recompile}");
+    println!("  serve's start (prepare)    {start}");
+    (compile.median(), start.median())
 }
 
 fn main() {
@@ -381,7 +406,10 @@ fn main() {
     };
     println!("scale: load + validate and compile time by number of operations");
     println!("  command: cargo bench --bench scale");
-    println!("  median of the rounds (min–max)");
+    println!(
+        "  wall-clock median of the rounds (min–max), then the median CPU time of all threads"
+    );
+    println!("  serve's start = reload::prepare: read, hash, load + validate, compile");
     for &(operations, schemas, rounds) in sizes {
         if only.is_some_and(|n| n != operations) {
             continue;
@@ -392,8 +420,8 @@ fn main() {
             println!(
                 "  target: 10,000 operations compile in < {} ms: compile alone {}, serve's start (load + validate + compile) {}",
                 TARGET.as_millis(),
-                verdict(compile.median),
-                verdict(start.median),
+                verdict(compile),
+                verdict(start),
             );
         }
     }

@@ -35,10 +35,10 @@ use crate::pipeline::http::{CompiledRequest, HttpConfig, ReqwestTransport, Trans
 use crate::pipeline::idempotency::IdempotencyConfig;
 use crate::pipeline::rate_limit::{RateLimitConfig, RateLimiter};
 use crate::pipeline::retry::{RetryBudget, RetryConfig};
-use crate::policy::PolicySet;
 use crate::policy::effective::{EffectiveBreaker, EffectiveRetry};
 use crate::policy::model::{Priority, Upstream};
 use crate::policy::template::EnvString;
+use crate::policy::{PolicySet, params_validator, value_hash};
 
 /// Largest response body when an upstream does not say (8 MiB).
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
@@ -182,7 +182,10 @@ pub fn compile_plan_owned(
     }
     let mut operations = BTreeMap::new();
     let mut carried = BTreeMap::new();
-    let mut validators = Validators::default();
+    let mut validators = Validators {
+        set,
+        taken: HashMap::new(),
+    };
     for (name, op) in &set.operations {
         // Built only for an error: most operations have none.
         let place = || format!("operation {name}");
@@ -385,39 +388,37 @@ impl Compiled {
     }
 }
 
-/// The params validators of one compile, by schema: operations with equal
+/// The params validators of one compile: operations with equal
 /// `params_schema`s share one validator (it is immutable), built once.
 /// Building one (regexes, formats, the schema checked against its
-/// meta-schema) costs far more per operation than the rest of its pipeline.
-#[derive(Default)]
-struct Validators {
-    /// By the schema's compact JSON text: equal texts are equal schemas.
-    by_text: HashMap<String, Arc<jsonschema::Validator>>,
+/// meta-schema) costs far more per operation than the rest of its pipeline,
+/// so compile takes the ones validation built.
+struct Validators<'s> {
+    set: &'s PolicySet,
+    /// By [`value_hash`] of the schema, with the schema.
+    taken: HashMap<u64, Vec<(&'s serde_json::Value, Arc<jsonschema::Validator>)>>,
 }
 
-impl Validators {
-    /// The validator of `schema`: `unchanged` (the previous generation's,
-    /// when the operation's schema is the same), one already built for an
-    /// equal schema, or a new one.
+impl<'s> Validators<'s> {
+    /// The validator of `schema`: one already taken for an equal schema,
+    /// `unchanged` (the previous generation's, when the operation's schema
+    /// is the same), validation's, or a new one.
     fn get(
         &mut self,
-        schema: &serde_json::Value,
+        schema: &'s serde_json::Value,
         unchanged: Option<Arc<jsonschema::Validator>>,
     ) -> Result<Arc<jsonschema::Validator>, String> {
-        let text = schema.to_string();
-        if let Some(v) = self.by_text.get(&text) {
+        let hash = value_hash(schema);
+        let taken = self.taken.entry(hash).or_default();
+        if let Some((_, v)) = taken.iter().find(|(s, _)| *s == schema) {
             return Ok(Arc::clone(v));
         }
-        let validator = match unchanged {
+        let validator = match unchanged.or_else(|| self.set.checked_params_validator(schema, hash))
+        {
             Some(v) => v,
-            None => Arc::new(
-                jsonschema::draft202012::options()
-                    .should_validate_formats(true)
-                    .build(schema)
-                    .map_err(|e| e.to_string())?,
-            ),
+            None => Arc::new(params_validator(schema).map_err(|e| e.to_string())?),
         };
-        self.by_text.insert(text, Arc::clone(&validator));
+        taken.push((schema, Arc::clone(&validator)));
         Ok(validator)
     }
 }
@@ -742,7 +743,20 @@ operations:
     #[test]
     fn equal_params_schemas_share_one_validator_and_unchanged_ones_carry_over() {
         let options = CompileOptions::default();
-        let first = compile_with(&schemas(3), None, &options).expect("compiles");
+        let set = schemas(3);
+        assert_eq!(set.params_validators.len(), 1, "validation built one");
+        let first = compile_with(&set, None, &options).expect("compiles");
+        let schema = set.operations["a"]
+            .params_schema
+            .as_ref()
+            .expect("a schema");
+        let checked = set
+            .checked_params_validator(schema, crate::policy::value_hash(schema))
+            .expect("validation's");
+        assert!(
+            Arc::ptr_eq(&validator(&first, "a"), &checked),
+            "compile takes validation's validator"
+        );
         assert!(Arc::ptr_eq(
             &validator(&first, "a"),
             &validator(&first, "c")
@@ -769,5 +783,16 @@ operations:
             "b's new schema serves"
         );
         assert!(!validator(&next, "a").is_valid(&long));
+    }
+
+    #[test]
+    fn a_schema_changed_after_validation_gets_its_own_validator() {
+        let mut set = schemas(3);
+        set.operations.get_mut("a").expect("a").params_schema =
+            Some(serde_json::json!({"type": "object", "required": ["id"]}));
+        let compiled = compile_with(&set, None, &CompileOptions::default()).expect("compiles");
+        assert!(!validator(&compiled, "a").is_valid(&serde_json::json!({})));
+        assert!(validator(&compiled, "a").is_valid(&serde_json::json!({"id": "abcdef"})));
+        assert!(!validator(&compiled, "c").is_valid(&serde_json::json!({"id": "abcdef"})));
     }
 }

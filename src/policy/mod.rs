@@ -18,10 +18,11 @@ pub mod schema;
 pub mod semantic;
 pub mod template;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use diagnostic::{Code, Diagnostic, Severity, SourceLookup, Span, Summary};
 use load::SpanIndex;
@@ -44,6 +45,121 @@ pub struct PolicySet {
     pub operations: BTreeMap<String, Operation>,
     /// Where each named thing was defined.
     pub origins: Origins,
+    /// The validators of the operations' `params_schema`s, built while
+    /// checking them, for compile to take rather than build again.
+    pub params_validators: ParamsValidators,
+}
+
+/// The validator of a `params_schema`, as validation checks it and
+/// pipelines use it: draft 2020-12, formats asserted.
+pub fn params_validator(
+    schema: &Value,
+) -> Result<jsonschema::Validator, jsonschema::ValidationError<'static>> {
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(schema)
+}
+
+/// A hash of a JSON value's structure and contents: equal values hash
+/// equal (objects iterate in key order), without serializing them.
+pub fn value_hash(value: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn feed(value: &Value, h: &mut std::hash::DefaultHasher) {
+        match value {
+            Value::Null => h.write_u8(0),
+            Value::Bool(b) => {
+                h.write_u8(1);
+                b.hash(h);
+            }
+            Value::Number(n) => {
+                h.write_u8(2);
+                n.hash(h);
+            }
+            Value::String(s) => {
+                h.write_u8(3);
+                s.hash(h);
+            }
+            Value::Array(items) => {
+                h.write_u8(4);
+                h.write_usize(items.len());
+                for item in items {
+                    feed(item, h);
+                }
+            }
+            Value::Object(map) => {
+                h.write_u8(5);
+                h.write_usize(map.len());
+                for (k, v) in map {
+                    k.hash(h);
+                    feed(v, h);
+                }
+            }
+        }
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    feed(value, &mut h);
+    h.finish()
+}
+
+/// Params validators built while checking a set: by [`value_hash`] of the
+/// schema, the operation whose schema it is and the validator. A cache, not
+/// part of what a set says: any two compare equal.
+#[derive(Clone, Default)]
+pub struct ParamsValidators(Arc<HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>>);
+
+impl ParamsValidators {
+    /// How many distinct schemas have one.
+    pub fn len(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
+    /// True when none were built.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>> for ParamsValidators {
+    fn from(map: HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>) -> Self {
+        ParamsValidators(Arc::new(map))
+    }
+}
+
+impl PartialEq for ParamsValidators {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ParamsValidators {}
+
+impl std::fmt::Debug for ParamsValidators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ParamsValidators({} schemas)", self.len())
+    }
+}
+
+impl PolicySet {
+    /// The validator validation built for a schema equal to `schema`
+    /// (whose [`value_hash`] is `hash`), if any: the operation it was built
+    /// for must still have an equal schema.
+    pub fn checked_params_validator(
+        &self,
+        schema: &Value,
+        hash: u64,
+    ) -> Option<Arc<jsonschema::Validator>> {
+        self.params_validators
+            .0
+            .get(&hash)?
+            .iter()
+            .find(|(op, _)| {
+                self.operations
+                    .get(op)
+                    .and_then(|o| o.params_schema.as_ref())
+                    == Some(schema)
+            })
+            .map(|(_, v)| Arc::clone(v))
+    }
 }
 
 /// Where a named thing of a policy set was written.
@@ -532,6 +648,31 @@ mod tests {
         assert_eq!(
             threads_for(&big),
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        );
+    }
+
+    #[test]
+    fn equal_values_hash_equal_and_unequal_ones_apart() {
+        let a = serde_json::json!({"type": "object", "properties": {"id": {"type": "string", "maxLength": 3}}});
+        let b: Value = serde_json::from_str(
+            r#"{"properties": {"id": {"maxLength": 3, "type": "string"}}, "type": "object"}"#,
+        )
+        .expect("json");
+        assert_eq!(a, b);
+        assert_eq!(value_hash(&a), value_hash(&b));
+        for other in [
+            serde_json::json!({"type": "object", "properties": {"id": {"type": "string", "maxLength": 4}}}),
+            serde_json::json!({"type": "object", "properties": {"id": {"type": "string"}}}),
+            serde_json::json!({"type": "object", "properties": {"ID": {"type": "string", "maxLength": 3}}}),
+            serde_json::json!([]),
+            serde_json::json!({}),
+            serde_json::json!(null),
+        ] {
+            assert_ne!(value_hash(&a), value_hash(&other), "{other}");
+        }
+        assert_ne!(
+            value_hash(&serde_json::json!([[], 1])),
+            value_hash(&serde_json::json!([[1]]))
         );
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Every check pushes diagnostics and goes on; none stops the others.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -17,7 +18,7 @@ use super::load::{append_segment, push_segment};
 use super::model::{Backoff, BreakerPolicy, Operation, PolicyFile, Priority, TimeoutRef};
 use super::schema::did_you_mean;
 use super::template::{EnvString, Template};
-use super::{Origin, Origins, Parsed, PolicySet, UnsetEnv};
+use super::{Origin, Origins, Parsed, PolicySet, UnsetEnv, params_validator, value_hash};
 
 /// What is known of files that did not make it to this phase, so their
 /// problems are reported once, not again as dangling references elsewhere.
@@ -92,9 +93,9 @@ pub(crate) fn check(
         files: &files,
         elsewhere,
         out: Vec::new(),
-        valid_schemas: HashSet::new(),
+        validators: HashMap::new(),
     };
-    let (set, homes) = cx.merge(policies);
+    let (mut set, homes) = cx.merge(policies);
     for f in &files {
         cx.out.extend(f.env.iter().cloned());
     }
@@ -104,6 +105,7 @@ pub(crate) fn check(
         let home = homes.operations[name];
         cx.operation(&set, name, op, home);
     }
+    set.params_validators = std::mem::take(&mut cx.validators).into();
     (Some(set), cx.out)
 }
 
@@ -114,7 +116,7 @@ pub(crate) fn env_references(file: &Parsed, value: &Value, unset: UnsetEnv) -> V
         files: std::slice::from_ref(file),
         elsewhere: &Elsewhere::default(),
         out: Vec::new(),
-        valid_schemas: HashSet::new(),
+        validators: HashMap::new(),
     };
     cx.env_references(0, value, &mut String::new(), unset);
     cx.out
@@ -133,9 +135,10 @@ struct Checker<'a> {
     files: &'a [Parsed],
     elsewhere: &'a Elsewhere,
     out: Vec<Diagnostic>,
-    /// `params_schema`s already found valid, as compact JSON: building a
-    /// validator is the costliest check, and many operations share a schema.
-    valid_schemas: HashSet<String>,
+    /// Validators of the `params_schema`s found valid, by hash, with the
+    /// operation each was built for: building one is the costliest check,
+    /// many operations share a schema, and compile takes them over.
+    validators: HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>,
 }
 
 /// The value of a string with `${env:…}` references as the server would see
@@ -220,6 +223,7 @@ impl Checker<'_> {
             health: Default::default(),
             operations: BTreeMap::new(),
             origins: Origins::default(),
+            params_validators: Default::default(),
         };
         let mut health_home: Option<usize> = None;
         for (i, p) in policies.into_iter().enumerate() {
@@ -823,7 +827,13 @@ impl Checker<'_> {
         }
 
         // Params: the schema itself, templates and keys that name params.
-        let declared = self.params_schema(file, &at(&["params_schema"]), op.params_schema.as_ref());
+        let declared = self.params_schema(
+            set,
+            name,
+            file,
+            &at(&["params_schema"]),
+            op.params_schema.as_ref(),
+        );
         let mut used_params: Vec<(String, String)> = Vec::new();
         self.template(
             file,
@@ -1000,25 +1010,42 @@ impl Checker<'_> {
     /// declares no property list (any name may be valid), else the names.
     fn params_schema(
         &mut self,
+        set: &PolicySet,
+        operation: &str,
         file: usize,
         pointer: &str,
         schema: Option<&Value>,
     ) -> Option<Option<BTreeSet<String>>> {
         let schema = schema?;
-        let text = schema.to_string();
-        if !self.valid_schemas.contains(&text) {
-            if let Err(e) = jsonschema::draft202012::new(schema) {
-                let inner = e.instance_path().as_str();
-                let at = format!("{pointer}{inner}");
-                self.error(
-                    Code::InvalidParamsSchema,
-                    file,
-                    &at,
-                    format!("params_schema is not a valid JSON Schema: {e}"),
-                );
-                return Some(None);
+        let hash = value_hash(schema);
+        let known = self.validators.get(&hash).is_some_and(|built| {
+            built.iter().any(|(op, _)| {
+                set.operations
+                    .get(op)
+                    .and_then(|o| o.params_schema.as_ref())
+                    == Some(schema)
+            })
+        });
+        if !known {
+            match params_validator(schema) {
+                Ok(v) => {
+                    self.validators
+                        .entry(hash)
+                        .or_default()
+                        .push((operation.to_owned(), Arc::new(v)));
+                }
+                Err(e) => {
+                    let inner = e.instance_path().as_str();
+                    let at = format!("{pointer}{inner}");
+                    self.error(
+                        Code::InvalidParamsSchema,
+                        file,
+                        &at,
+                        format!("params_schema is not a valid JSON Schema: {e}"),
+                    );
+                    return Some(None);
+                }
             }
-            self.valid_schemas.insert(text);
         }
         match schema.get("properties").and_then(Value::as_object) {
             Some(props) => Some(Some(props.keys().cloned().collect())),
