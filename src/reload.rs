@@ -21,7 +21,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::clock::UnixMillis;
-use crate::compile::{CarriedOver, CompileError, CompileOptions, Compiled, compile_plan};
+use crate::compile::{CarriedOver, CompileError, CompileOptions, Compiled, compile_plan_owned};
 use crate::events::Event;
 use crate::pipeline::compose::Pipeline;
 use crate::pipeline::idempotency::hex;
@@ -264,7 +264,7 @@ fn prepare_loaded(
         }
     };
     let compiled =
-        compile_plan(&set, previous, options).map_err(|errs: Vec<CompileError>| Refusal {
+        compile_plan_owned(set, previous, options).map_err(|errs: Vec<CompileError>| Refusal {
             candidate: hash.clone(),
             errors: errs
                 .into_iter()

@@ -18,14 +18,16 @@ pub mod schema;
 pub mod semantic;
 pub mod template;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use diagnostic::{Code, Diagnostic, Severity, SourceLookup, Span, Summary};
-use load::Document;
+use load::SpanIndex;
 use model::{Defaults, Duration, HealthPolicy, Operation, PolicyFile, Upstream};
+use serde_json::Value;
 
 /// A checked policy set: every file of a directory merged, with every
 /// reference resolved and every rule holding.
@@ -43,6 +45,121 @@ pub struct PolicySet {
     pub operations: BTreeMap<String, Operation>,
     /// Where each named thing was defined.
     pub origins: Origins,
+    /// The validators of the operations' `params_schema`s, built while
+    /// checking them, for compile to take rather than build again.
+    pub params_validators: ParamsValidators,
+}
+
+/// The validator of a `params_schema`, as validation checks it and
+/// pipelines use it: draft 2020-12, formats asserted.
+pub fn params_validator(
+    schema: &Value,
+) -> Result<jsonschema::Validator, jsonschema::ValidationError<'static>> {
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(schema)
+}
+
+/// A hash of a JSON value's structure and contents: equal values hash
+/// equal (objects iterate in key order), without serializing them.
+pub fn value_hash(value: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn feed(value: &Value, h: &mut std::hash::DefaultHasher) {
+        match value {
+            Value::Null => h.write_u8(0),
+            Value::Bool(b) => {
+                h.write_u8(1);
+                b.hash(h);
+            }
+            Value::Number(n) => {
+                h.write_u8(2);
+                n.hash(h);
+            }
+            Value::String(s) => {
+                h.write_u8(3);
+                s.hash(h);
+            }
+            Value::Array(items) => {
+                h.write_u8(4);
+                h.write_usize(items.len());
+                for item in items {
+                    feed(item, h);
+                }
+            }
+            Value::Object(map) => {
+                h.write_u8(5);
+                h.write_usize(map.len());
+                for (k, v) in map {
+                    k.hash(h);
+                    feed(v, h);
+                }
+            }
+        }
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    feed(value, &mut h);
+    h.finish()
+}
+
+/// Params validators built while checking a set: by [`value_hash`] of the
+/// schema, the operation whose schema it is and the validator. A cache, not
+/// part of what a set says: any two compare equal.
+#[derive(Clone, Default)]
+pub struct ParamsValidators(Arc<HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>>);
+
+impl ParamsValidators {
+    /// How many distinct schemas have one.
+    pub fn len(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
+    /// True when none were built.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>> for ParamsValidators {
+    fn from(map: HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>) -> Self {
+        ParamsValidators(Arc::new(map))
+    }
+}
+
+impl PartialEq for ParamsValidators {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ParamsValidators {}
+
+impl std::fmt::Debug for ParamsValidators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ParamsValidators({} schemas)", self.len())
+    }
+}
+
+impl PolicySet {
+    /// The validator validation built for a schema equal to `schema`
+    /// (whose [`value_hash`] is `hash`), if any: the operation it was built
+    /// for must still have an equal schema.
+    pub fn checked_params_validator(
+        &self,
+        schema: &Value,
+        hash: u64,
+    ) -> Option<Arc<jsonschema::Validator>> {
+        self.params_validators
+            .0
+            .get(&hash)?
+            .iter()
+            .find(|(op, _)| {
+                self.operations
+                    .get(op)
+                    .and_then(|o| o.params_schema.as_ref())
+                    == Some(schema)
+            })
+            .map(|(_, v)| Arc::clone(v))
+    }
 }
 
 /// Where a named thing of a policy set was written.
@@ -279,60 +396,148 @@ pub fn load_str(name: &str, text: &str, options: LoadOptions) -> Loaded {
 /// A file that parsed and passed the schema.
 pub(crate) struct Parsed {
     pub(crate) name: String,
-    pub(crate) doc: Document,
+    /// Where its nodes stand (its JSON value is not kept: the model and
+    /// the environment references were read from it on the file's thread).
+    pub(crate) spans: SpanIndex,
     pub(crate) policy: PolicyFile,
+    /// Problems with its `${env:…}` references, found on the file's thread.
+    pub(crate) env: Vec<Diagnostic>,
+}
+
+/// What the per-file phases (parse, schema, typed model) made of one file.
+enum FileOutcome {
+    /// Nothing but comments.
+    Empty,
+    /// It does not parse.
+    Unparsed(Vec<Diagnostic>),
+    /// It parsed, but breaks the schema or does not read as the model.
+    Invalid(Value, Vec<Diagnostic>),
+    /// It passed.
+    Parsed(Parsed),
+}
+
+/// Parses one file and checks it against the schema and the model, and
+/// its environment references.
+fn check_file(file: &SourceFile, options: LoadOptions) -> FileOutcome {
+    let doc = match load::parse_yaml(&file.name, &file.text) {
+        Ok(Some(doc)) => doc,
+        Ok(None) => return FileOutcome::Empty,
+        Err(problems) => return FileOutcome::Unparsed(problems),
+    };
+    let problems = schema::check(&file.name, &doc.value, &doc.spans);
+    if !problems.is_empty() {
+        return FileOutcome::Invalid(doc.value, problems);
+    }
+    match <PolicyFile as serde::Deserialize>::deserialize(&doc.value) {
+        Ok(policy) => {
+            let mut parsed = Parsed {
+                name: file.name.clone(),
+                spans: doc.spans,
+                policy,
+                env: Vec::new(),
+            };
+            parsed.env = semantic::env_references(&parsed, &doc.value, options.unset_env);
+            FileOutcome::Parsed(parsed)
+        }
+        // The schema and the model are tested to agree; should they ever
+        // drift, the user still gets a diagnostic, never a panic.
+        Err(e) => {
+            let d = Diagnostic::error(
+                Code::InvalidValue,
+                &file.name,
+                None,
+                format!("policy does not read as version 1: {e}"),
+            );
+            FileOutcome::Invalid(doc.value, vec![d])
+        }
+    }
+}
+
+/// Below this many bytes of policy text, files are checked on the calling
+/// thread: starting threads would cost more than they save.
+const PARALLEL_BYTES: usize = 256 * 1024;
+
+/// How many threads check `files`: one for small sets, else as many as
+/// the machine runs at once (files are independent until they are merged).
+fn threads_for(files: &[SourceFile]) -> usize {
+    let bytes: usize = files.iter().map(|f| f.text.len()).sum();
+    if bytes < PARALLEL_BYTES {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// [`check_file`] for every file, in order, on up to `threads` threads.
+fn check_files(files: &[SourceFile], options: LoadOptions, threads: usize) -> Vec<FileOutcome> {
+    let threads = threads.min(files.len());
+    if threads <= 1 {
+        return files.iter().map(|f| check_file(f, options)).collect();
+    }
+    let mut slots: Vec<Option<FileOutcome>> = Vec::new();
+    slots.resize_with(files.len(), || None);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..files.len())
+                        .step_by(threads)
+                        .map(|i| (i, check_file(&files[i], options)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for worker in workers {
+            // A worker panics only if check_file does, which it would on
+            // this thread too: pass it on.
+            let done = worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            for (i, outcome) in done {
+                slots[i] = Some(outcome);
+            }
+        }
+    });
+    slots.into_iter().flatten().collect()
 }
 
 /// Checks already-read sources as one set; `diagnostics` are problems found while reading.
 pub fn load_sources(
     sources: Sources,
+    diagnostics: Vec<Diagnostic>,
+    options: LoadOptions,
+) -> Loaded {
+    let threads = threads_for(&sources.files);
+    load_sources_on(sources, diagnostics, options, threads)
+}
+
+/// [`load_sources`], checking files on up to `threads` threads.
+fn load_sources_on(
+    sources: Sources,
     mut diagnostics: Vec<Diagnostic>,
     options: LoadOptions,
+    threads: usize,
 ) -> Loaded {
     let mut parsed = Vec::new();
     let mut known = semantic::Elsewhere::default();
-    for file in &sources.files {
-        let doc = match load::parse_yaml(&file.name, &file.text) {
-            Ok(Some(doc)) => doc,
-            Ok(None) => {
-                diagnostics.push(
-                    Diagnostic::warning(Code::EmptyFile, &file.name, None, "file is empty")
-                        .hint("add `version: 1`, or remove the file"),
-                );
-                continue;
-            }
-            Err(problems) => {
+    let outcomes = check_files(&sources.files, options, threads);
+    for (file, outcome) in sources.files.iter().zip(outcomes) {
+        match outcome {
+            FileOutcome::Empty => diagnostics.push(
+                Diagnostic::warning(Code::EmptyFile, &file.name, None, "file is empty")
+                    .hint("add `version: 1`, or remove the file"),
+            ),
+            FileOutcome::Unparsed(problems) => {
                 diagnostics.extend(problems);
                 known.complete = false;
-                continue;
             }
-        };
-        let problems = schema::check(&file.name, &doc.value, &doc.spans);
-        if !problems.is_empty() {
-            diagnostics.extend(problems);
-            known.add_names_of(&doc.value);
-            continue;
-        }
-        match <PolicyFile as serde::Deserialize>::deserialize(&doc.value) {
-            Ok(policy) => parsed.push(Parsed {
-                name: file.name.clone(),
-                doc,
-                policy,
-            }),
-            // The schema and the model are tested to agree; should they ever
-            // drift, the user still gets a diagnostic, never a panic.
-            Err(e) => {
-                known.add_names_of(&doc.value);
-                diagnostics.push(Diagnostic::error(
-                    Code::InvalidValue,
-                    &file.name,
-                    None,
-                    format!("policy does not read as version 1: {e}"),
-                ));
+            FileOutcome::Invalid(value, problems) => {
+                diagnostics.extend(problems);
+                known.add_names_of(&value);
             }
+            FileOutcome::Parsed(p) => parsed.push(p),
         }
     }
-    let (set, problems) = semantic::check(&parsed, &known, options);
+    let (set, problems) = semantic::check(parsed, &known);
     diagnostics.extend(problems);
     sort_diagnostics(&mut diagnostics, &sources);
     let has_errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
@@ -362,4 +567,112 @@ fn sort_diagnostics(diagnostics: &mut [Diagnostic], sources: &Sources) {
         };
         key(a).cmp(&key(b))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, text: String) -> SourceFile {
+        SourceFile {
+            name: name.to_owned(),
+            text,
+        }
+    }
+
+    fn ops(first: usize, count: usize) -> String {
+        let mut text = String::from("version: 1\noperations:\n");
+        for n in first..first + count {
+            text.push_str(&format!(
+                "  op_{n}:\n    upstream: up\n    request: {{ method: GET, path: \"/v1/{{{{ params.id }}}}\" }}\n    params_schema: {{ type: object, properties: {{ id: {{ type: string }} }} }}\n"
+            ));
+        }
+        text
+    }
+
+    fn sources(broken: bool) -> Sources {
+        let mut files = vec![file(
+            "00-up.yaml",
+            "version: 1\nupstreams:\n  up: { base_url: \"http://127.0.0.1:9\" }\n".into(),
+        )];
+        for f in 0..6 {
+            files.push(file(&format!("{:02}-ops.yaml", f + 1), ops(f * 50, 50)));
+        }
+        if broken {
+            files.push(file("10-syntax.yaml", "version: 1\noperations: [\n".into()));
+            files.push(file(
+                "11-schema.yaml",
+                "version: 1\noperations:\n  bad:\n    upstream: up\n    request: { method: GET, path: /x }\n    retries: 3\n".into(),
+            ));
+            files.push(file("12-twice.yaml", ops(10, 2)));
+            files.push(file("13-empty.yaml", "# nothing yet\n".into()));
+            files.push(file(
+                "14-hasty.yaml",
+                "version: 1\noperations:\n  hasty:\n    upstream: up\n    request: { method: GET, path: /x }\n    timeout: 5s\n    deadline: 1s\n".into(),
+            ));
+        }
+        Sources {
+            files,
+            undecoded: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn files_checked_on_several_threads_give_what_one_thread_gives() {
+        for broken in [false, true] {
+            let one = load_sources_on(sources(broken), Vec::new(), LoadOptions::default(), 1);
+            let many = load_sources_on(sources(broken), Vec::new(), LoadOptions::default(), 4);
+            assert_eq!(one.diagnostics, many.diagnostics, "broken: {broken}");
+            assert_eq!(one.set, many.set, "broken: {broken}");
+            assert_eq!(one.set.is_some(), !broken, "{:#?}", one.diagnostics);
+            if broken {
+                let codes: Vec<&str> = many.diagnostics.iter().map(|d| d.code.as_str()).collect();
+                for code in [
+                    "yaml-syntax",
+                    "unknown-field",
+                    "duplicate-name",
+                    "empty-file",
+                    "deadline-shorter-than-timeout",
+                ] {
+                    assert!(codes.contains(&code), "{code} missing from {codes:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_sets_are_checked_on_the_calling_thread() {
+        assert_eq!(threads_for(&sources(true).files), 1);
+        let big = vec![file("big.yaml", ops(0, 3000))];
+        assert!(big[0].text.len() >= PARALLEL_BYTES);
+        assert_eq!(
+            threads_for(&big),
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        );
+    }
+
+    #[test]
+    fn equal_values_hash_equal_and_unequal_ones_apart() {
+        let a = serde_json::json!({"type": "object", "properties": {"id": {"type": "string", "maxLength": 3}}});
+        let b: Value = serde_json::from_str(
+            r#"{"properties": {"id": {"maxLength": 3, "type": "string"}}, "type": "object"}"#,
+        )
+        .expect("json");
+        assert_eq!(a, b);
+        assert_eq!(value_hash(&a), value_hash(&b));
+        for other in [
+            serde_json::json!({"type": "object", "properties": {"id": {"type": "string", "maxLength": 4}}}),
+            serde_json::json!({"type": "object", "properties": {"id": {"type": "string"}}}),
+            serde_json::json!({"type": "object", "properties": {"ID": {"type": "string", "maxLength": 3}}}),
+            serde_json::json!([]),
+            serde_json::json!({}),
+            serde_json::json!(null),
+        ] {
+            assert_ne!(value_hash(&a), value_hash(&other), "{other}");
+        }
+        assert_ne!(
+            value_hash(&serde_json::json!([[], 1])),
+            value_hash(&serde_json::json!([[1]]))
+        );
+    }
 }

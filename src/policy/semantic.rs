@@ -5,7 +5,8 @@
 //!
 //! Every check pushes diagnostics and goes on; none stops the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -14,10 +15,10 @@ use super::effective::{
     EffectiveBreaker, EffectiveRetry, default_dlq_backoff, redrive_span, resolve_timeout,
 };
 use super::load::{append_segment, push_segment};
-use super::model::{Backoff, BreakerPolicy, Operation, Priority, TimeoutRef};
+use super::model::{Backoff, BreakerPolicy, Operation, PolicyFile, Priority, TimeoutRef};
 use super::schema::did_you_mean;
 use super::template::{EnvString, Template};
-use super::{LoadOptions, Origin, Origins, Parsed, PolicySet, UnsetEnv};
+use super::{Origin, Origins, Parsed, PolicySet, UnsetEnv, params_validator, value_hash};
 
 /// What is known of files that did not make it to this phase, so their
 /// problems are reported once, not again as dangling references elsewhere.
@@ -68,18 +69,35 @@ impl Elsewhere {
 /// Merges the parsed files into one set and checks it. The set is returned
 /// even when there are errors (callers discard it then); diagnostics say why.
 pub(crate) fn check(
-    files: &[Parsed],
+    mut files: Vec<Parsed>,
     elsewhere: &Elsewhere,
-    options: LoadOptions,
 ) -> (Option<PolicySet>, Vec<Diagnostic>) {
+    // The set takes the files' definitions over rather than copies of them.
+    let policies: Vec<PolicyFile> = files
+        .iter_mut()
+        .map(|f| {
+            std::mem::replace(
+                &mut f.policy,
+                PolicyFile {
+                    version: 1,
+                    upstreams: BTreeMap::new(),
+                    timeouts: BTreeMap::new(),
+                    defaults: None,
+                    health: None,
+                    operations: BTreeMap::new(),
+                },
+            )
+        })
+        .collect();
     let mut cx = Checker {
-        files,
+        files: &files,
         elsewhere,
         out: Vec::new(),
+        validators: HashMap::new(),
     };
-    let (set, homes) = cx.merge();
-    for (i, f) in files.iter().enumerate() {
-        cx.env_references(i, &f.doc.value, &mut String::new(), options.unset_env);
+    let (mut set, homes) = cx.merge(policies);
+    for f in &files {
+        cx.out.extend(f.env.iter().cloned());
     }
     cx.upstreams(&set, &homes);
     cx.timeouts_and_defaults(&set, &homes);
@@ -87,7 +105,21 @@ pub(crate) fn check(
         let home = homes.operations[name];
         cx.operation(&set, name, op, home);
     }
+    set.params_validators = std::mem::take(&mut cx.validators).into();
     (Some(set), cx.out)
+}
+
+/// The problems with `${…}` references in one parsed file whose document
+/// is `value`.
+pub(crate) fn env_references(file: &Parsed, value: &Value, unset: UnsetEnv) -> Vec<Diagnostic> {
+    let mut cx = Checker {
+        files: std::slice::from_ref(file),
+        elsewhere: &Elsewhere::default(),
+        out: Vec::new(),
+        validators: HashMap::new(),
+    };
+    cx.env_references(0, value, &mut String::new(), unset);
+    cx.out
 }
 
 /// Which file each name came from (index into the parsed files).
@@ -103,6 +135,10 @@ struct Checker<'a> {
     files: &'a [Parsed],
     elsewhere: &'a Elsewhere,
     out: Vec<Diagnostic>,
+    /// Validators of the `params_schema`s found valid, by hash, with the
+    /// operation each was built for: building one is the costliest check,
+    /// many operations share a schema, and compile takes them over.
+    validators: HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>,
 }
 
 /// The value of a string with `${env:…}` references as the server would see
@@ -126,7 +162,7 @@ impl Checker<'_> {
 
     /// The span to point at for the node at `pointer`: its key when `key`.
     fn span(&self, file: usize, pointer: &str, key: bool) -> Option<Span> {
-        let spans = &self.files[file].doc.spans;
+        let spans = &self.files[file].spans;
         if key {
             spans.key_span(pointer)
         } else {
@@ -178,7 +214,7 @@ impl Checker<'_> {
 
     // ---- merging -------------------------------------------------------
 
-    fn merge(&mut self) -> (PolicySet, Homes) {
+    fn merge(&mut self, policies: Vec<PolicyFile>) -> (PolicySet, Homes) {
         let mut homes = Homes::default();
         let mut set = PolicySet {
             upstreams: BTreeMap::new(),
@@ -187,44 +223,41 @@ impl Checker<'_> {
             health: Default::default(),
             operations: BTreeMap::new(),
             origins: Origins::default(),
+            params_validators: Default::default(),
         };
         let mut health_home: Option<usize> = None;
-        for (i, f) in self.files.iter().enumerate() {
-            let p = &f.policy;
-            for (name, u) in &p.upstreams {
-                if self.claim(&mut homes.upstreams, "upstream", "upstreams", name, i) {
-                    set.upstreams.insert(name.clone(), u.clone());
-                    set.origins
-                        .upstreams
-                        .insert(name.clone(), self.origin(i, &ptr(&["upstreams", name])));
+        for (i, p) in policies.into_iter().enumerate() {
+            for (name, u) in p.upstreams {
+                if self.claim(&mut homes.upstreams, "upstream", "upstreams", &name, i) {
+                    let origin = self.origin(i, &ptr(&["upstreams", &name]));
+                    set.origins.upstreams.insert(name.clone(), origin);
+                    set.upstreams.insert(name, u);
                 }
             }
-            for (name, t) in &p.timeouts {
-                if self.claim(&mut homes.timeouts, "timeout class", "timeouts", name, i) {
-                    set.timeouts.insert(name.clone(), *t);
-                    set.origins
-                        .timeouts
-                        .insert(name.clone(), self.origin(i, &ptr(&["timeouts", name])));
+            for (name, t) in p.timeouts {
+                if self.claim(&mut homes.timeouts, "timeout class", "timeouts", &name, i) {
+                    let origin = self.origin(i, &ptr(&["timeouts", &name]));
+                    set.origins.timeouts.insert(name.clone(), origin);
+                    set.timeouts.insert(name, t);
                 }
             }
-            for (name, op) in &p.operations {
-                if self.claim(&mut homes.operations, "operation", "operations", name, i) {
-                    set.operations.insert(name.clone(), op.clone());
-                    set.origins
-                        .operations
-                        .insert(name.clone(), self.origin(i, &ptr(&["operations", name])));
+            for (name, op) in p.operations {
+                if self.claim(&mut homes.operations, "operation", "operations", &name, i) {
+                    let origin = self.origin(i, &ptr(&["operations", &name]));
+                    set.origins.operations.insert(name.clone(), origin);
+                    set.operations.insert(name, op);
                 }
             }
-            if let Some(d) = &p.defaults
+            if let Some(d) = p.defaults
                 && self.claim_section(&mut homes.defaults, "defaults", i)
             {
-                set.defaults = d.clone();
+                set.defaults = d;
                 set.origins.defaults = Some(self.origin(i, "/defaults"));
             }
-            if let Some(h) = &p.health
+            if let Some(h) = p.health
                 && self.claim_section(&mut health_home, "health", i)
             {
-                set.health = h.clone();
+                set.health = h;
                 set.origins.health = Some(self.origin(i, "/health"));
             }
         }
@@ -794,7 +827,13 @@ impl Checker<'_> {
         }
 
         // Params: the schema itself, templates and keys that name params.
-        let declared = self.params_schema(file, &at(&["params_schema"]), op.params_schema.as_ref());
+        let declared = self.params_schema(
+            set,
+            name,
+            file,
+            &at(&["params_schema"]),
+            op.params_schema.as_ref(),
+        );
         let mut used_params: Vec<(String, String)> = Vec::new();
         self.template(
             file,
@@ -971,21 +1010,42 @@ impl Checker<'_> {
     /// declares no property list (any name may be valid), else the names.
     fn params_schema(
         &mut self,
+        set: &PolicySet,
+        operation: &str,
         file: usize,
         pointer: &str,
         schema: Option<&Value>,
     ) -> Option<Option<BTreeSet<String>>> {
         let schema = schema?;
-        if let Err(e) = jsonschema::draft202012::new(schema) {
-            let inner = e.instance_path().as_str();
-            let at = format!("{pointer}{inner}");
-            self.error(
-                Code::InvalidParamsSchema,
-                file,
-                &at,
-                format!("params_schema is not a valid JSON Schema: {e}"),
-            );
-            return Some(None);
+        let hash = value_hash(schema);
+        let known = self.validators.get(&hash).is_some_and(|built| {
+            built.iter().any(|(op, _)| {
+                set.operations
+                    .get(op)
+                    .and_then(|o| o.params_schema.as_ref())
+                    == Some(schema)
+            })
+        });
+        if !known {
+            match params_validator(schema) {
+                Ok(v) => {
+                    self.validators
+                        .entry(hash)
+                        .or_default()
+                        .push((operation.to_owned(), Arc::new(v)));
+                }
+                Err(e) => {
+                    let inner = e.instance_path().as_str();
+                    let at = format!("{pointer}{inner}");
+                    self.error(
+                        Code::InvalidParamsSchema,
+                        file,
+                        &at,
+                        format!("params_schema is not a valid JSON Schema: {e}"),
+                    );
+                    return Some(None);
+                }
+            }
         }
         match schema.get("properties").and_then(Value::as_object) {
             Some(props) => Some(Some(props.keys().cloned().collect())),
