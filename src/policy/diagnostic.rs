@@ -135,8 +135,6 @@ codes! {
     UnusedUpstream = "unused-upstream",
     /// A timeout class no operation uses.
     UnusedTimeoutClass = "unused-timeout-class",
-    /// An idempotency TTL shorter than the DLQ keeps redriving, so a redrive may duplicate.
-    IdempotencyTtlTooShort = "idempotency-ttl-too-short",
     /// The directory holds no policy files.
     NoPolicyFiles = "no-policy-files",
 }

@@ -274,18 +274,6 @@ pub fn resolve_timeout(
     }
 }
 
-/// Worst-case time from the first redrive to the last: the sum of the
-/// (unjittered) back-off delays before each redrive attempt.
-pub fn redrive_span(backoff: &Backoff, attempts: u32) -> Duration {
-    let mut total: u64 = 0;
-    let mut delay = backoff.initial.as_millis();
-    for _ in 0..attempts {
-        total = total.saturating_add(delay.min(backoff.max.as_millis()));
-        delay = delay.saturating_mul(u64::from(backoff.multiplier.millis())) / 1000;
-    }
-    Duration::from_millis(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,17 +311,5 @@ mod tests {
                 from: Source::BuiltIn
             }
         );
-    }
-
-    #[test]
-    fn redrive_span_sums_capped_delays() {
-        let b = Backoff {
-            initial: Duration::from_secs(30),
-            multiplier: Multiplier::from_millis(2000),
-            max: Duration::from_secs(100),
-            jitter: Jitter::Full,
-        };
-        // 30 + 60 + 100 + 100
-        assert_eq!(redrive_span(&b, 4), Duration::from_secs(290));
     }
 }

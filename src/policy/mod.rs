@@ -105,7 +105,10 @@ pub fn value_hash(value: &Value) -> u64 {
 /// schema, the operation whose schema it is and the validator. A cache, not
 /// part of what a set says: any two compare equal.
 #[derive(Clone, Default)]
-pub struct ParamsValidators(Arc<HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>>);
+pub struct ParamsValidators(Arc<HashMap<u64, Vec<NamedValidator>>>);
+
+/// An operation's name and the validator built from its `params_schema`.
+type NamedValidator = (String, Arc<jsonschema::Validator>);
 
 impl ParamsValidators {
     /// How many distinct schemas have one.
@@ -119,8 +122,8 @@ impl ParamsValidators {
     }
 }
 
-impl From<HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>> for ParamsValidators {
-    fn from(map: HashMap<u64, Vec<(String, Arc<jsonschema::Validator>)>>) -> Self {
+impl From<HashMap<u64, Vec<NamedValidator>>> for ParamsValidators {
+    fn from(map: HashMap<u64, Vec<NamedValidator>>) -> Self {
         ParamsValidators(Arc::new(map))
     }
 }
@@ -412,8 +415,8 @@ enum FileOutcome {
     Unparsed(Vec<Diagnostic>),
     /// It parsed, but breaks the schema or does not read as the model.
     Invalid(Value, Vec<Diagnostic>),
-    /// It passed.
-    Parsed(Parsed),
+    /// It passed (boxed: far larger than the other outcomes).
+    Parsed(Box<Parsed>),
 }
 
 /// Parses one file and checks it against the schema and the model, and
@@ -437,7 +440,7 @@ fn check_file(file: &SourceFile, options: LoadOptions) -> FileOutcome {
                 env: Vec::new(),
             };
             parsed.env = semantic::env_references(&parsed, &doc.value, options.unset_env);
-            FileOutcome::Parsed(parsed)
+            FileOutcome::Parsed(Box::new(parsed))
         }
         // The schema and the model are tested to agree; should they ever
         // drift, the user still gets a diagnostic, never a panic.
@@ -534,7 +537,7 @@ fn load_sources_on(
                 diagnostics.extend(problems);
                 known.add_names_of(&value);
             }
-            FileOutcome::Parsed(p) => parsed.push(p),
+            FileOutcome::Parsed(p) => parsed.push(*p),
         }
     }
     let (set, problems) = semantic::check(parsed, &known);

@@ -11,9 +11,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::diagnostic::{Code, Diagnostic, Severity, Span};
-use super::effective::{
-    EffectiveBreaker, EffectiveRetry, default_dlq_backoff, redrive_span, resolve_timeout,
-};
+use super::effective::{EffectiveBreaker, EffectiveRetry, resolve_timeout};
 use super::load::{append_segment, push_segment};
 use super::model::{Backoff, BreakerPolicy, Operation, PolicyFile, Priority, TimeoutRef};
 use super::schema::did_you_mean;
@@ -971,7 +969,8 @@ impl Checker<'_> {
             .hint = Some("they must grow: fresh <= stale <= very_stale".into());
         }
 
-        // DLQ: back-off bounds, webhook, and a key that outlives redrive.
+        // DLQ: back-off bounds and webhook. (An idempotency key held by a
+        // dead letter lives as long as the entry, whatever its ttl.)
         if let Some(dlq) = &op.dlq {
             if let Some(b) = &dlq.backoff {
                 self.backoff_order(file, &at(&["dlq", "backoff"]), b);
@@ -986,22 +985,6 @@ impl Checker<'_> {
                     &url,
                     "webhook",
                 );
-            }
-            if let Some(idem) = &op.idempotency {
-                let backoff = dlq.backoff.clone().unwrap_or_else(default_dlq_backoff);
-                let span = redrive_span(&backoff, dlq.max_attempts.unwrap_or(5));
-                let ttl = idem
-                    .ttl
-                    .unwrap_or(super::model::Duration::from_secs(86_400));
-                if ttl < span {
-                    self.warn(
-                        Code::IdempotencyTtlTooShort,
-                        file,
-                        &at(&["idempotency", "ttl"]),
-                        format!("idempotency ttl {ttl} is shorter than the DLQ's redrive span {span}, so a late redrive may deliver twice"),
-                    )
-                    .hint = Some("make ttl at least as long as the redrive back-off adds up to".into());
-                }
             }
         }
     }
