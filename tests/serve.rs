@@ -64,6 +64,8 @@ struct Serving {
     addr: SocketAddr,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
+    /// The threads copying stdout and stderr; each ends at its pipe's EOF.
+    pipes: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Serving {
@@ -75,8 +77,12 @@ impl Drop for Serving {
     }
 }
 
-/// Copies a pipe into a shared string on a thread.
-fn drain_pipe(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+/// Copies a pipe into a shared string on a thread, which ends at the pipe's
+/// EOF: join it to have every line the process wrote.
+fn drain_pipe(
+    pipe: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut line = String::new();
@@ -86,7 +92,19 @@ fn drain_pipe(pipe: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
                 .push_str(&line);
             line.clear();
         }
-    });
+    })
+}
+
+/// Waits for the pipe threads of an exited process: after this, the shared
+/// strings hold all it wrote.
+async fn join_pipes(pipes: Vec<std::thread::JoinHandle<()>>) {
+    tokio::task::spawn_blocking(move || {
+        for pipe in pipes {
+            pipe.join().expect("the pipe thread ends at EOF");
+        }
+    })
+    .await
+    .expect("joined the pipe threads");
 }
 
 fn text(s: &Arc<Mutex<String>>) -> String {
@@ -122,8 +140,10 @@ async fn serve_command(mut cmd: std::process::Command) -> Serving {
     let mut child = cmd.spawn().expect("claygate starts");
     let stdout = Arc::new(Mutex::new(String::new()));
     let stderr = Arc::new(Mutex::new(String::new()));
-    drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
-    drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
+    let pipes = vec![
+        drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout)),
+        drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr)),
+    ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let out = text(&stdout);
@@ -138,11 +158,11 @@ async fn serve_command(mut cmd: std::process::Command) -> Serving {
                 addr,
                 stdout,
                 stderr,
+                pipes,
             };
         }
         if let Ok(Some(status)) = child.try_wait() {
-            // Let the pipe threads catch up.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            join_pipes(pipes).await;
             panic!(
                 "claygate serve exited ({status}) before listening\nstdout:\n{}\nstderr:\n{}",
                 text(&stdout),
@@ -177,8 +197,7 @@ impl Serving {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the pipe threads read the last lines.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                join_pipes(std::mem::take(&mut self.pipes)).await;
                 return status;
             }
             assert!(
@@ -196,8 +215,10 @@ fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Str
     let mut child = command(args, env).spawn().expect("claygate starts");
     let stdout = Arc::new(Mutex::new(String::new()));
     let stderr = Arc::new(Mutex::new(String::new()));
-    drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout));
-    drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr));
+    let pipes = [
+        drain_pipe(child.stdout.take().expect("stdout"), Arc::clone(&stdout)),
+        drain_pipe(child.stderr.take().expect("stderr"), Arc::clone(&stderr)),
+    ];
     let started = std::time::Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
@@ -213,7 +234,9 @@ fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Str
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    std::thread::sleep(Duration::from_millis(100));
+    for pipe in pipes {
+        pipe.join().expect("the pipe thread ends at EOF");
+    }
     (status.code(), text(&stdout), text(&stderr))
 }
 
