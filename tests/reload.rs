@@ -358,7 +358,12 @@ async fn rename_saves_and_sed_in_place_are_picked_up() {
     // An editor's save: `ops.yaml.tmp` (not a policy file) renamed over.
     write_by_rename(&dir, "ops.yaml", &ops(500, "renamed"));
     let hash = candidate_hash(&dir);
-    serving(&reloader, &hash, PATIENCE).await;
+    let record = serving(&reloader, &hash, PATIENCE).await;
+    assert_eq!(
+        record.trigger,
+        Trigger::Watch,
+        "seen by the watcher: {record:?}"
+    );
     assert_eq!(
         runtime.compiled().operations["lookup"]
             .breaker
@@ -380,7 +385,12 @@ async fn rename_saves_and_sed_in_place_are_picked_up() {
     std::fs::set_permissions(&tmp, mode).expect("chmod");
     std::fs::rename(&tmp, dir.join("ops.yaml")).expect("rename");
     let hash = candidate_hash(&dir);
-    serving(&reloader, &hash, PATIENCE).await;
+    let record = serving(&reloader, &hash, PATIENCE).await;
+    assert_eq!(
+        record.trigger,
+        Trigger::Watch,
+        "seen by the watcher: {record:?}"
+    );
     assert_eq!(
         runtime.compiled().operations["lookup"]
             .breaker
@@ -528,7 +538,12 @@ async fn watching_resumes_when_the_directory_is_removed_and_created_again() {
             let volume = 800 + 10 * round + n;
             std::fs::write(dir.join("ops.yaml"), ops(volume, "edited")).expect("edit");
             let hash = candidate_hash(&dir);
-            serving(&reloader, &hash, WATCHED).await;
+            let record = serving(&reloader, &hash, WATCHED).await;
+            assert_eq!(
+                record.trigger,
+                Trigger::Watch,
+                "seen by the watcher: {record:?}"
+            );
             assert_eq!(
                 runtime.compiled().operations["lookup"]
                     .breaker
