@@ -681,6 +681,9 @@ async fn an_entry_being_replayed_is_not_redriven_twice() {
 
 // Real clock with short back-offs: the webhook goes over a real socket, and
 // reqwest's timeouts must not fire under an auto-advancing paused clock.
+// The alert's log line is checked through the binary's stderr, in
+// `e2e::dlq_redrives_after_recovery_and_parks_with_an_alert` (a thread's
+// capturing subscriber misses events while other tests run in parallel).
 #[tokio::test]
 async fn out_of_attempts_parks_and_posts_the_alert_webhook() {
     let hook = FakeUpstream::start().await;
@@ -723,6 +726,16 @@ async fn out_of_attempts_parks_and_posts_the_alert_webhook() {
     assert_eq!(rig.runtime.redrive.alerts_sent(), 1);
     assert_eq!(rig.runtime.redrive.alerts_failed(), 0);
     assert_eq!(rig.runtime.redrive.parked_total(), 1);
+    // The metric, beside the event and the webhook.
+    assert!(
+        rig.runtime
+            .metrics
+            .encode()
+            .lines()
+            .any(|l| l == "claygate_dlq_parked_total{operation=\"push_row\"} 1"),
+        "{}",
+        rig.runtime.metrics.encode()
+    );
     let seen = hook.seen();
     assert_eq!(seen.len(), 2, "a 503 from the receiver is retried");
     for s in &seen {

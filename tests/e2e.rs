@@ -981,6 +981,31 @@ async fn dlq_redrives_after_recovery_and_parks_with_an_alert() {
     assert_eq!(alert["entry"]["operation"], "push_doomed", "{alert}");
     assert_eq!(alert["entry"]["params"], doomed, "{alert}");
     assert_eq!(webhook.received().len(), 1, "one alert");
+    // The log leg of the alert: an ERROR line naming the entry and its
+    // operation, written before the webhook is posted; never the params.
+    let line = until(
+        "the parked entry is logged",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            let logs = gate.logs();
+            logs.lines()
+                .find(|l| l.contains("dead letter parked") && l.contains("push_doomed"))
+                .map(str::to_owned)
+                .ok_or(logs)
+        },
+    )
+    .await;
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&format!("id={doomed_id}")), "{line}");
+    assert!(
+        line.contains("reason=\"out_of_attempts\"") || line.contains("reason=out_of_attempts"),
+        "{line}"
+    );
+    assert!(
+        !gate.logs().contains("grace@acme.com"),
+        "params are never logged"
+    );
     let stats = fake.stats();
     assert_eq!(
         stats.injected_errors, 3,
@@ -1744,6 +1769,9 @@ operations:
     // retried or dead-lettered and redriven) is inherent to at-least-once:
     // it carries the same Idempotency-Key, so Clay (and the fake) answer it
     // from the first row instead of recording another. Reported, not failed.
+    // What this guards is claygate's side of that contract: every attempt,
+    // retry and redrive of one call carries the same key (a new key would
+    // be a second row here), and no refused call reaches Clay at all.
     let stats = fake.stats();
     let rows = fake.rows();
     let mut rows_per_key: BTreeMap<&str, usize> = BTreeMap::new();

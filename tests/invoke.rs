@@ -2,14 +2,13 @@
 //! 127.0.0.1:0 against a fake upstream): the envelope, the status table,
 //! the problem documents, and auth.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claygate::store::DlqState;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
+use crate::support::capture_logs;
 use crate::support::script::{Script, Step};
 use crate::support::server::{Options, TestServer, UPSTREAM, in_process, start};
 use crate::support::upstream::{Behavior, FakeUpstream};
@@ -697,36 +696,6 @@ async fn a_dead_lettered_call_is_202_with_location() {
     assert_eq!(fake.hits(), 1);
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(
-            &self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-        .into_owned()
-    }
-}
-
 /// Every route of the API (from its OpenAPI description), with sample path params.
 fn every_route() -> Vec<(reqwest::Method, String)> {
     let api = serde_json::to_value(claygate::admin::openapi()).expect("OpenAPI as JSON");
@@ -756,14 +725,7 @@ fn is_open(path: &str) -> bool {
 // server's tasks too.
 #[tokio::test]
 async fn with_a_token_every_endpoint_but_health_and_metrics_needs_it() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = capture_logs(tracing::Level::TRACE);
 
     let (fake, server) = rig_with(Options {
         token: Some(TOKEN.into()),
