@@ -18,7 +18,11 @@
 #   4. claygate B: a second `claygate serve`, operation `lookup_keyed`: the
 #      same plus `idempotency: { key: [domain] }` (a deterministic key: every
 #      call after the first is a replay of the stored answer) and a fallback cache.
-#   5. when node and npm are on the PATH: the Node peer (node-peer/server.mjs,
+#   5. the floor: examples/bare_proxy.rs, the same stack as claygate (axum,
+#      tokio multi-thread, one reqwest client built as claygate builds it)
+#      doing the same lookup with no policy at all (no breaker, bulkhead,
+#      retry, timeout, metrics, envelope or params check);
+#   6. when node and npm are on the PATH: the Node peer (node-peer/server.mjs,
 #      `npm ci` into the temp dir): the same operation hand-rolled with an
 #      opossum breaker, a p-queue bulkhead, a Promise.race timeout and one
 #      retry — what users write without claygate.
@@ -27,7 +31,7 @@
 #   targets within each round, at -t1 -c1 and -t2 -c32 (--latency):
 #     (a) upstream direct GET   (b) via the nginx proxy
 #     (c) claygate invoke lookup (d) claygate invoke lookup_keyed
-#     (e) the Node peer
+#     (e) the Node peer          (h) the floor (axum + reqwest, no policy)
 #   and failing fast through the API, at c=1 (the rejection's own latency)
 #   and c=32 (rejections per second):
 #     (f) breaker `lookup` forced open (POST /v1/breakers/lookup/open): 503s;
@@ -38,7 +42,7 @@
 #   Each (target, concurrency) gets a 2 s warm-up then DURATION seconds,
 #   ROUNDS times; the table gives the mean over rounds (req/s range in
 #   brackets). Results go to stdout only (progress to stderr).
-#   Default run: 2 rounds x 10 x 12 s + 4 x 12 s fail-fast ~ 5 min.
+#   Default run: 2 rounds x 12 x 12 s + 4 x 12 s fail-fast ~ 6 min.
 #
 # Caveat: servers and wrk share the machine's cores; on a 2-core box the
 # load generator competes with what it measures, so read ratios, not
@@ -68,11 +72,13 @@ if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
 fi
 NGINX=$(command -v nginx)
 if [ -z "${SKIP_BUILD:-}" ]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release >&2)
+  log "cargo build --release (claygate and examples/bare_proxy)"
+  (cd "$ROOT" && cargo build --release --bin claygate --example bare_proxy >&2)
 fi
 CLAYGATE="$ROOT/target/release/claygate"
+BARE="$ROOT/target/release/examples/bare_proxy"
 [ -x "$CLAYGATE" ] || { echo "no $CLAYGATE" >&2; exit 1; }
+[ -x "$BARE" ] || { echo "no $BARE (cargo build --release --example bare_proxy)" >&2; exit 1; }
 
 # --- processes ----------------------------------------------------------------
 T=$(mktemp -d /tmp/claygate-proxy-bench.XXXXXX)
@@ -219,21 +225,29 @@ EOF
 EOF
 } > "$T/pol-b/bench.yaml"
 
+# Waits for the `listening on http://ADDR` line a server prints on start.
+listening() { # pid stdout-file stderr-file name -> prints the URL
+  local i url
+  for i in $(seq 1 200); do
+    url=$(sed -n 's/^listening on \(http:[^ ]*\).*/\1/p' "$2" | head -1)
+    [ -n "$url" ] && { echo "$url"; return 0; }
+    kill -0 "$1" 2>/dev/null || { cat "$3" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "$4 did not start" >&2; cat "$3" >&2; return 1
+}
 start_claygate() { # tag -> sets CG_URL, CG_PID
-  local tag=$1 i
+  local tag=$1
   "$CLAYGATE" serve --policies "$T/pol-$tag" --data "$T/data-$tag" \
     --listen 127.0.0.1:0 --no-watch >"$T/cg-$tag.out" 2>"$T/cg-$tag.err" &
   CG_PID=$!; PIDS+=("$CG_PID")
-  for i in $(seq 1 200); do
-    CG_URL=$(sed -n 's/^listening on \(http:[^ ]*\).*/\1/p' "$T/cg-$tag.out" | head -1)
-    [ -n "$CG_URL" ] && return 0
-    kill -0 "$CG_PID" 2>/dev/null || { cat "$T/cg-$tag.err" >&2; exit 1; }
-    sleep 0.05
-  done
-  echo "claygate $tag did not start" >&2; cat "$T/cg-$tag.err" >&2; exit 1
+  CG_URL=$(listening "$CG_PID" "$T/cg-$tag.out" "$T/cg-$tag.err" "claygate $tag") || exit 1
 }
 start_claygate a; CGA=$CG_URL; CGA_PID=$CG_PID
 start_claygate b; CGB=$CG_URL; CGB_PID=$CG_PID
+"$BARE" 127.0.0.1:0 "http://127.0.0.1:$UP_PORT" >"$T/bare.out" 2>"$T/bare.err" &
+BARE_PID=$!; PIDS+=("$BARE_PID")
+BARE_URL=$(listening "$BARE_PID" "$T/bare.out" "$T/bare.err" bare_proxy) || exit 1
 log "upstream $UP  proxy $PX  claygate-a $CGA (pid $CGA_PID)  claygate-b $CGB (pid $CGB_PID)"
 
 PARAMS='{"domain":"acme.com"}'
@@ -241,6 +255,8 @@ invoke() { curl -sS -D "$T/h" -o "$T/b" -w '%{http_code}' -X POST -H 'content-ty
 # sanity: every target answers 200 with the upstream's body
 [ "$(curl -s "$UP/v1/companies/acme.com")" = "$BODY" ] || { echo "upstream body wrong" >&2; exit 1; }
 [ "$(curl -s "$PX/v1/companies/acme.com")" = "$BODY" ] || { echo "proxy body wrong" >&2; exit 1; }
+[ "$(curl -s -X POST -H 'content-type: application/json' -d '{"domain":"acme.com"}' "$BARE_URL/v1/operations/lookup/invoke")" = "$BODY" ] \
+  || { echo "bare_proxy body wrong" >&2; exit 1; }
 rss() { ps -o rss= -p "$1" | tr -d ' '; }
 RSS_A_START=$(rss "$CGA_PID"); RSS_B_START=$(rss "$CGB_PID")
 for t in "$CGA lookup" "$CGB lookup_keyed" "$CGB lookup_keyed"; do
@@ -253,7 +269,7 @@ KEYED_HDRS=$(tr -d '\r' < "$T/h" | grep -i '^idempotent-replayed' || true)
 RSS_A_IDLE=$(rss "$CGA_PID"); RSS_B_IDLE=$(rss "$CGB_PID")
 
 # (e) the Node peer, when node and npm are here.
-TARGETS="a b c d"
+TARGETS="a b h c d"
 if command -v node >/dev/null && command -v npm >/dev/null; then
   cp -r "$HERE/node-peer" "$T/node-peer"; rm -rf "$T/node-peer/node_modules"
   if (cd "$T/node-peer" && npm ci --no-audit --no-fund --silent >&2); then
@@ -262,7 +278,7 @@ if command -v node >/dev/null && command -v npm >/dev/null; then
     NODE="http://127.0.0.1:$NODE_PORT"
     for i in $(seq 1 100); do curl -s -o /dev/null "$NODE/" && break; sleep 0.05; done
     code=$(curl -s -o "$T/b" -w '%{http_code}' -X POST -H 'content-type: application/json' -d "$PARAMS" "$NODE/")
-    if [ "$code" = 200 ]; then TARGETS="a b c d e"; else log "node peer answered $code: $(cat "$T/b"); skipping (e)"; fi
+    if [ "$code" = 200 ]; then TARGETS="a b h c d e"; else log "node peer answered $code: $(cat "$T/b"); skipping (e)"; fi
   else
     log "npm ci failed; skipping the Node peer (e)"
   fi
@@ -294,6 +310,7 @@ URL[b]="$PX/v1/companies/acme.com"; METHOD[b]=GET
 URL[c]="$CGA/v1/operations/lookup/invoke"; METHOD[c]=POST; PIDOF[c]=$CGA_PID
 URL[d]="$CGB/v1/operations/lookup_keyed/invoke"; METHOD[d]=POST; PIDOF[d]=$CGB_PID
 URL[e]="${NODE:-}/"; METHOD[e]=POST
+URL[h]="$BARE_URL/v1/operations/lookup/invoke"; METHOD[h]=POST
 
 measure() { # key conc -> appends to arrays
   local k=$1 c=$2 out sampler=""
@@ -359,6 +376,7 @@ NAME[b]="(b) nginx keep-alive proxy"
 NAME[c]="(c) claygate \`lookup\`"
 NAME[d]="(d) claygate \`lookup_keyed\` (idempotent replay + fallback cache)"
 NAME[e]="(e) Node peer (opossum + p-queue + Promise.race, hand-rolled)"
+NAME[h]="(h) floor: axum + reqwest, no policy (examples/bare_proxy.rs)"
 NAME[f]="(f) claygate \`lookup\`, breaker forced open (fail fast, all 503)"
 NAME[g]="(g) claygate \`lookup_full\`, bulkhead full (fail fast, all 429)"
 
@@ -371,26 +389,27 @@ echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 
   "${ROUNDS} round(s) of ${DURATION}s per cell (after ${WARMUP}s warm-up), targets alternated; mean over rounds, req/s range in brackets."
 echo "Command: \`benches/proxy/run.sh -d $DURATION -r $ROUNDS\`"
 echo
-echo "| target | c | req/s | p50 | p99 | non-2xx | vs (a) req/s | vs (b) req/s | added p50 vs (a) |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| target | c | req/s | p50 | p99 | non-2xx | vs (a) req/s | vs (b) req/s | vs (h) req/s | added p50 vs (a) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 declare -A MR MP
 for c in 1 32; do
   for k in $TARGETS; do
     MR[$k]=$(mean ${RPS[$k,$c]}); MP[$k]=$(mean ${P50[$k,$c]})
-    vsa="—"; vsb="—"; add="—"
-    if [ "$k" = c ] || [ "$k" = d ] || [ "$k" = e ]; then
+    vsa="—"; vsb="—"; vsh="—"; add="—"
+    if [ "$k" = c ] || [ "$k" = d ] || [ "$k" = e ] || [ "$k" = h ]; then
       vsa=$(ratio "${MR[$k]}" "${MR[a]}"); vsb=$(ratio "${MR[$k]}" "${MR[b]}")
       add="+$(us $(( ${MP[$k]} - ${MP[a]} )))"
+      if [ "$k" != h ]; then vsh=$(ratio "${MR[$k]}" "${MR[h]}"); fi
     elif [ "$k" = b ]; then
       vsa=$(ratio "${MR[b]}" "${MR[a]}"); add="+$(us $(( ${MP[b]} - ${MP[a]} )))"
     fi
-    echo "| ${NAME[$k]} | $c | ${MR[$k]} ($(range ${RPS[$k,$c]})) | $(us "${MP[$k]}") | $(us "$(mean ${P99[$k,$c]})") | ${N2XX[$k,$c]} | $vsa | $vsb | $add |"
+    echo "| ${NAME[$k]} | $c | ${MR[$k]} ($(range ${RPS[$k,$c]})) | $(us "${MP[$k]}") | $(us "$(mean ${P99[$k,$c]})") | ${N2XX[$k,$c]} | $vsa | $vsb | $vsh | $add |"
   done
 done
 for k in f g; do
   code=$FF_CODE; [ "$k" = g ] && code=$BF_CODE
   for c in 1 32; do
-    echo "| ${NAME[$k]} | $c | $(mean ${RPS[$k,$c]}) rejections/s | $(us "$(mean ${P50[$k,$c]})") | $(us "$(mean ${P99[$k,$c]})") | ${N2XX[$k,$c]} ($code) | — | — | — |"
+    echo "| ${NAME[$k]} | $c | $(mean ${RPS[$k,$c]}) rejections/s | $(us "$(mean ${P50[$k,$c]})") | $(us "$(mean ${P99[$k,$c]})") | ${N2XX[$k,$c]} ($code) | — | — | — | — |"
   done
 done
 echo
