@@ -7,14 +7,19 @@
 //! check. The distance from this to claygate is what claygate's own work
 //! costs; the distance from nginx to this is what the stack costs.
 //!
+//! With `hyper` as the third argument the upstream call goes through
+//! hyper-util's pooled client directly instead of reqwest (which wraps that
+//! same client in redirect and retry layers): what leaving reqwest would buy.
+//!
 //! ```text
 //! cargo build --release --example bare_proxy
-//! target/release/examples/bare_proxy 127.0.0.1:0 http://127.0.0.1:8080
+//! target/release/examples/bare_proxy 127.0.0.1:0 http://127.0.0.1:8080 [reqwest|hyper]
 //! ```
 //!
 //! Prints `listening on http://ADDR` once it accepts connections.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -22,11 +27,35 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// The upstream client: reqwest as claygate uses it, or hyper-util's alone
+/// (behind an `Arc`, as reqwest keeps its own, so a clone per request is cheap).
+#[derive(Clone)]
+enum Client {
+    Reqwest(reqwest::Client),
+    Hyper(std::sync::Arc<hyper_util::client::legacy::Client<HttpConnector, Empty<Bytes>>>),
+}
 
 #[derive(Clone)]
 struct Upstream {
-    client: reqwest::Client,
+    client: Client,
     base: String,
+}
+
+fn bad_gateway(e: impl std::fmt::Display) -> Response {
+    (StatusCode::BAD_GATEWAY, e.to_string()).into_response()
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response {
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn lookup(State(upstream): State<Upstream>, body: Bytes) -> Response {
@@ -38,44 +67,77 @@ async fn lookup(State(upstream): State<Upstream>, body: Bytes) -> Response {
         return (StatusCode::UNPROCESSABLE_ENTITY, "domain: a string").into_response();
     };
     let url = format!("{}/v1/companies/{domain}", upstream.base);
-    let reply = match upstream.client.get(url).send().await {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-    };
-    let status = reply.status();
-    match reply.bytes().await {
-        Ok(body) => (
-            status,
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    match &upstream.client {
+        Client::Reqwest(client) => {
+            let reply = match client.get(url).send().await {
+                Ok(r) => r,
+                Err(e) => return bad_gateway(e),
+            };
+            let status = reply.status();
+            match reply.bytes().await {
+                Ok(body) => json(status, body),
+                Err(e) => bad_gateway(e),
+            }
+        }
+        Client::Hyper(client) => {
+            let request = match axum::http::Request::get(url).body(Empty::new()) {
+                Ok(r) => r,
+                Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+            };
+            let reply = match client.request(request).await {
+                Ok(r) => r,
+                Err(e) => return bad_gateway(e),
+            };
+            let status = reply.status();
+            match reply.into_body().collect().await {
+                Ok(body) => json(status, body.to_bytes()),
+                Err(e) => bad_gateway(e),
+            }
+        }
+    }
+}
+
+fn client(kind: &str) -> Result<Client, String> {
+    match kind {
+        "reqwest" => reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tcp_nodelay(true)
+            .build()
+            .map(Client::Reqwest)
+            .map_err(|e| format!("cannot build the HTTP client: {e}")),
+        "hyper" => {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(Duration::from_secs(1)));
+            Ok(Client::Hyper(std::sync::Arc::new(
+                hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector),
+            )))
+        }
+        other => Err(format!("unknown client `{other}`: reqwest or hyper")),
     }
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [listen, base] = args.as_slice() else {
-        eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_BASE_URL");
-        return ExitCode::from(2);
-    };
-    let client = match reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(1))
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .tcp_nodelay(true)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("cannot build the HTTP client: {e}");
+    let (listen, base, kind) = match args.as_slice() {
+        [listen, base] => (listen, base, "reqwest"),
+        [listen, base, kind] => (listen, base, kind.as_str()),
+        _ => {
+            eprintln!("usage: bare_proxy LISTEN_ADDR UPSTREAM_BASE_URL [reqwest|hyper]");
             return ExitCode::from(2);
         }
     };
-    let upstream = Upstream {
-        client,
-        base: base.trim_end_matches('/').to_owned(),
+    let upstream = match client(kind) {
+        Ok(client) => Upstream {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+        },
+        Err(e) => {
+            eprintln!("bare_proxy: {e}");
+            return ExitCode::from(2);
+        }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -21,7 +21,8 @@
 #   5. the floor: examples/bare_proxy.rs, the same stack as claygate (axum,
 #      tokio multi-thread, one reqwest client built as claygate builds it)
 #      doing the same lookup with no policy at all (no breaker, bulkhead,
-#      retry, timeout, metrics, envelope or params check);
+#      retry, timeout, metrics, envelope or params check); and a second
+#      floor, the same with hyper-util's pooled client instead of reqwest;
 #   6. when node and npm are on the PATH: the Node peer (node-peer/server.mjs,
 #      `npm ci` into the temp dir): the same operation hand-rolled with an
 #      opossum breaker, a p-queue bulkhead, a Promise.race timeout and one
@@ -32,6 +33,7 @@
 #     (a) upstream direct GET   (b) via the nginx proxy
 #     (c) claygate invoke lookup (d) claygate invoke lookup_keyed
 #     (e) the Node peer          (h) the floor (axum + reqwest, no policy)
+#     (i) the floor with hyper-util's client instead of reqwest
 #   and failing fast through the API, at c=1 (the rejection's own latency)
 #   and c=32 (rejections per second):
 #     (f) breaker `lookup` forced open (POST /v1/breakers/lookup/open): 503s;
@@ -42,7 +44,7 @@
 #   Each (target, concurrency) gets a 2 s warm-up then DURATION seconds,
 #   ROUNDS times; the table gives the mean over rounds (req/s range in
 #   brackets). Results go to stdout only (progress to stderr).
-#   Default run: 2 rounds x 12 x 12 s + 4 x 12 s fail-fast ~ 6 min.
+#   Default run: 2 rounds x 14 x 12 s + 4 x 12 s fail-fast ~ 7 min.
 #
 # Caveat: servers and wrk share the machine's cores; on a 2-core box the
 # load generator competes with what it measures, so read ratios, not
@@ -248,6 +250,9 @@ start_claygate b; CGB=$CG_URL; CGB_PID=$CG_PID
 "$BARE" 127.0.0.1:0 "http://127.0.0.1:$UP_PORT" >"$T/bare.out" 2>"$T/bare.err" &
 BARE_PID=$!; PIDS+=("$BARE_PID")
 BARE_URL=$(listening "$BARE_PID" "$T/bare.out" "$T/bare.err" bare_proxy) || exit 1
+"$BARE" 127.0.0.1:0 "http://127.0.0.1:$UP_PORT" hyper >"$T/hyper.out" 2>"$T/hyper.err" &
+HYPER_PID=$!; PIDS+=("$HYPER_PID")
+HYPER_URL=$(listening "$HYPER_PID" "$T/hyper.out" "$T/hyper.err" "bare_proxy hyper") || exit 1
 log "upstream $UP  proxy $PX  claygate-a $CGA (pid $CGA_PID)  claygate-b $CGB (pid $CGB_PID)"
 
 PARAMS='{"domain":"acme.com"}'
@@ -255,8 +260,10 @@ invoke() { curl -sS -D "$T/h" -o "$T/b" -w '%{http_code}' -X POST -H 'content-ty
 # sanity: every target answers 200 with the upstream's body
 [ "$(curl -s "$UP/v1/companies/acme.com")" = "$BODY" ] || { echo "upstream body wrong" >&2; exit 1; }
 [ "$(curl -s "$PX/v1/companies/acme.com")" = "$BODY" ] || { echo "proxy body wrong" >&2; exit 1; }
-[ "$(curl -s -X POST -H 'content-type: application/json' -d '{"domain":"acme.com"}' "$BARE_URL/v1/operations/lookup/invoke")" = "$BODY" ] \
-  || { echo "bare_proxy body wrong" >&2; exit 1; }
+for u in "$BARE_URL" "$HYPER_URL"; do
+  [ "$(curl -s -X POST -H 'content-type: application/json' -d '{"domain":"acme.com"}' "$u/v1/operations/lookup/invoke")" = "$BODY" ] \
+    || { echo "bare_proxy body wrong ($u)" >&2; exit 1; }
+done
 rss() { ps -o rss= -p "$1" | tr -d ' '; }
 RSS_A_START=$(rss "$CGA_PID"); RSS_B_START=$(rss "$CGB_PID")
 for t in "$CGA lookup" "$CGB lookup_keyed" "$CGB lookup_keyed"; do
@@ -269,7 +276,7 @@ KEYED_HDRS=$(tr -d '\r' < "$T/h" | grep -i '^idempotent-replayed' || true)
 RSS_A_IDLE=$(rss "$CGA_PID"); RSS_B_IDLE=$(rss "$CGB_PID")
 
 # (e) the Node peer, when node and npm are here.
-TARGETS="a b h c d"
+TARGETS="a b i h c d"
 if command -v node >/dev/null && command -v npm >/dev/null; then
   cp -r "$HERE/node-peer" "$T/node-peer"; rm -rf "$T/node-peer/node_modules"
   if (cd "$T/node-peer" && npm ci --no-audit --no-fund --silent >&2); then
@@ -278,7 +285,7 @@ if command -v node >/dev/null && command -v npm >/dev/null; then
     NODE="http://127.0.0.1:$NODE_PORT"
     for i in $(seq 1 100); do curl -s -o /dev/null "$NODE/" && break; sleep 0.05; done
     code=$(curl -s -o "$T/b" -w '%{http_code}' -X POST -H 'content-type: application/json' -d "$PARAMS" "$NODE/")
-    if [ "$code" = 200 ]; then TARGETS="a b h c d e"; else log "node peer answered $code: $(cat "$T/b"); skipping (e)"; fi
+    if [ "$code" = 200 ]; then TARGETS="a b i h c d e"; else log "node peer answered $code: $(cat "$T/b"); skipping (e)"; fi
   else
     log "npm ci failed; skipping the Node peer (e)"
   fi
@@ -311,6 +318,7 @@ URL[c]="$CGA/v1/operations/lookup/invoke"; METHOD[c]=POST; PIDOF[c]=$CGA_PID
 URL[d]="$CGB/v1/operations/lookup_keyed/invoke"; METHOD[d]=POST; PIDOF[d]=$CGB_PID
 URL[e]="${NODE:-}/"; METHOD[e]=POST
 URL[h]="$BARE_URL/v1/operations/lookup/invoke"; METHOD[h]=POST
+URL[i]="$HYPER_URL/v1/operations/lookup/invoke"; METHOD[i]=POST
 
 measure() { # key conc -> appends to arrays
   local k=$1 c=$2 out sampler=""
@@ -377,6 +385,7 @@ NAME[c]="(c) claygate \`lookup\`"
 NAME[d]="(d) claygate \`lookup_keyed\` (idempotent replay + fallback cache)"
 NAME[e]="(e) Node peer (opossum + p-queue + Promise.race, hand-rolled)"
 NAME[h]="(h) floor: axum + reqwest, no policy (examples/bare_proxy.rs)"
+NAME[i]="(i) floor with hyper-util's client instead of reqwest (bare_proxy … hyper)"
 NAME[f]="(f) claygate \`lookup\`, breaker forced open (fail fast, all 503)"
 NAME[g]="(g) claygate \`lookup_full\`, bulkhead full (fail fast, all 429)"
 
@@ -396,7 +405,7 @@ for c in 1 32; do
   for k in $TARGETS; do
     MR[$k]=$(mean ${RPS[$k,$c]}); MP[$k]=$(mean ${P50[$k,$c]})
     vsa="—"; vsb="—"; vsh="—"; add="—"
-    if [ "$k" = c ] || [ "$k" = d ] || [ "$k" = e ] || [ "$k" = h ]; then
+    if [ "$k" = c ] || [ "$k" = d ] || [ "$k" = e ] || [ "$k" = h ] || [ "$k" = i ]; then
       vsa=$(ratio "${MR[$k]}" "${MR[a]}"); vsb=$(ratio "${MR[$k]}" "${MR[b]}")
       add="+$(us $(( ${MP[$k]} - ${MP[a]} )))"
       if [ "$k" != h ]; then vsh=$(ratio "${MR[$k]}" "${MR[h]}"); fi
