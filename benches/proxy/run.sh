@@ -408,8 +408,8 @@ echo "| target | c | req/s | p50 | p99 | non-2xx | vs (a) req/s | vs (b) req/s |
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 declare -A MR MP
 for c in 1 32; do
+  for k in $TARGETS; do MR[$k]=$(mean ${RPS[$k,$c]}); MP[$k]=$(mean ${P50[$k,$c]}); done
   for k in $TARGETS; do
-    MR[$k]=$(mean ${RPS[$k,$c]}); MP[$k]=$(mean ${P50[$k,$c]})
     vsa="—"; vsb="—"; vsh="—"; add="—"
     if [ "$k" = c ] || [ "$k" = d ] || [ "$k" = e ] || [ "$k" = h ] || [ "$k" = i ]; then
       vsa=$(ratio "${MR[$k]}" "${MR[a]}"); vsb=$(ratio "${MR[$k]}" "${MR[b]}")
