@@ -3761,6 +3761,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_path_that_cannot_be_read_is_a_clear_error() {
+        // A directory where the file should be: unreadable as a database
+        // even for root, which file modes would not stop.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(DB_FILE)).unwrap();
+        std::fs::write(dir.path().join(DB_FILE).join("keep"), "x").unwrap();
+        let err = SqliteStore::open(dir.path()).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(DB_FILE), "names the file: {text}");
+        assert!(text.contains("not a regular file"), "says why: {text}");
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(DB_FILE).join("keep")).unwrap(),
+            "x",
+            "what was there is untouched"
+        );
+    }
+
+    #[tokio::test]
     async fn a_newer_schema_is_refused_untouched() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
