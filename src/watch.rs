@@ -47,8 +47,9 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Period of the rescan that rereads the files whatever the watcher says.
 pub const RESCAN: Duration = Duration::from_secs(2);
 
-/// How long a rescan waits for a watcher event already on its way.
-const RESCAN_GRACE: Duration = Duration::from_millis(100);
+/// How long a rescan waits for a watcher event already on its way (on a
+/// loaded machine inotify and the debouncer can take a while to pass it).
+const RESCAN_GRACE: Duration = Duration::from_millis(250);
 
 /// How often a policy directory that disappeared is looked for.
 pub const MISSING_POLL: Duration = Duration::from_millis(100);

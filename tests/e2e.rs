@@ -88,7 +88,8 @@ fn faults_latency(ms: u64) -> Faults {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_breaker_opens_fails_fast_and_closes_after_a_half_open_trial() {
-    const TRIAL_LATENCY: u64 = 3000;
+    // Windows of seconds: a loaded machine can stall a test for one.
+    const TRIAL_LATENCY: u64 = 5000;
     let _shared = HEAVY.read().await;
     let started = Instant::now();
     let fake = fake().await;
@@ -99,7 +100,7 @@ async fn circuit_breaker_opens_fails_fast_and_closes_after_a_half_open_trial() {
             "lookup",
             "    timeout: 10s
     retry: { max_attempts: 1 }
-    breaker: { error_threshold_percentage: 50, volume_threshold: 4, window: 10s, buckets: 10, reset_timeout: 500ms, half_open_trials: 1 }
+    breaker: { error_threshold_percentage: 50, volume_threshold: 4, window: 10s, buckets: 10, reset_timeout: 2s, half_open_trials: 1 }
 "
         )
     );
@@ -160,7 +161,7 @@ async fn circuit_breaker_opens_fails_fast_and_closes_after_a_half_open_trial() {
     set_faults(&fake, faults_latency(TRIAL_LATENCY)).await;
     until(
         "the reset timeout runs out",
-        Duration::from_secs(3),
+        Duration::from_secs(6),
         Duration::from_millis(20),
         || async {
             let v = gate.breaker("lookup").await;
@@ -420,10 +421,11 @@ async fn bulkhead_runs_critical_calls_ahead_of_queued_bulk_and_sheds_overflow() 
     let fake = fake().await;
     // Each call takes LATENCY at the fake. Bulk waits at most BULK_WAIT in
     // its queue: long enough for the round after the critical calls
-    // (2 x LATENCY), too short for the one after that (3 x LATENCY), with a
-    // whole second of margin either side.
-    const LATENCY: u64 = 2000;
-    const BULK_WAIT: u64 = 5000;
+    // (2 x LATENCY, a second to spare), too short for the one after that
+    // (3 x LATENCY, less the time the set-up took to queue them: it may
+    // take up to two seconds).
+    const LATENCY: u64 = 3000;
+    const BULK_WAIT: u64 = 7000;
     let enrich = r#"  NAME:
     upstream: clay
     request: { method: POST, path: /v1/people/enrich, body: { email: "{{ params.email }}" } }
@@ -533,8 +535,8 @@ operations:
     )
     .await;
     assert!(
-        t0.elapsed() < Duration::from_millis(LATENCY),
-        "the setup must finish while the first bulk calls still run (took {:?})",
+        t0.elapsed() < Duration::from_millis(3 * LATENCY - BULK_WAIT),
+        "the set-up must queue the calls soon enough that the last bulk ones time out (took {:?})",
         t0.elapsed()
     );
 
@@ -711,7 +713,7 @@ operations:
     );
     let attempts = r.body["meta"]["attempts"].as_u64().unwrap_or(0);
     assert!(
-        (2..=3).contains(&attempts),
+        (1..=3).contains(&attempts),
         "{attempts} attempts fit in {DEADLINE}ms"
     );
     println!(
@@ -763,6 +765,7 @@ async fn fallback_ages_from_fresh_to_stale_to_very_stale_to_static() {
     // `lookup`'s: once `lookup` is past `very_stale`, so is `lookup_bare`.
     let bare = gate.invoke("lookup_bare", &params).await;
     assert_eq!(bare.status, 200, "{}", bare.body);
+    let cached_from = Instant::now();
     let fresh = gate.invoke("lookup", &params).await;
     assert_eq!(
         (fresh.status, fresh.envelope()),
@@ -784,12 +787,16 @@ async fn fallback_ages_from_fresh_to_stale_to_very_stale_to_static() {
         "very_stale" => 2,
         _ => 3,
     };
+    // (staleness, age, when the last answer at that level was asked for).
     let mut seen: Vec<(String, Option<u64>, Duration)> = Vec::new();
     let outage_at = Instant::now();
     let deadline = outage_at + Duration::from_secs(15);
+    let mut first_answer_at = None;
     loop {
+        let sent = outage_at.elapsed();
         let r = gate.invoke("lookup", &params).await;
         let at = outage_at.elapsed();
+        first_answer_at.get_or_insert_with(Instant::now);
         assert_eq!((r.status, r.envelope()), (200, "fallback"), "{}", r.body);
         let meta = &r.body["meta"];
         let staleness = meta["staleness"].as_str().expect("staleness").to_owned();
@@ -818,21 +825,22 @@ async fn fallback_ages_from_fresh_to_stale_to_very_stale_to_static() {
             }
             other => panic!("staleness {other}"),
         }
-        if let Some((last, _, last_at)) = seen.last() {
+        if let Some((last, _, last_sent)) = seen.last() {
             let (from, to) = (rank(last), rank(&staleness));
             assert!(from <= to, "staleness went back: {seen:?} then {staleness}");
+            // The two ages were taken at most `at - last_sent` apart.
             if to > from + 1 {
                 assert!(
-                    at - *last_at > Duration::from_millis(STALE - FRESH),
+                    at - *last_sent > Duration::from_millis(STALE - FRESH),
                     "a level skipped although answers came {:?} apart: {seen:?} then {staleness}",
-                    at - *last_at
+                    at - *last_sent
                 );
             }
         }
         if seen.last().map(|(s, _, _)| s.as_str()) != Some(staleness.as_str()) {
-            seen.push((staleness.clone(), age, at));
+            seen.push((staleness.clone(), age, sent));
         } else if let Some(last) = seen.last_mut() {
-            last.2 = at;
+            last.2 = sent;
         }
         if staleness == "static" {
             break;
@@ -840,12 +848,17 @@ async fn fallback_ages_from_fresh_to_stale_to_very_stale_to_static() {
         assert!(Instant::now() < deadline, "never static: {seen:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        seen.first().map(|(s, _, _)| s.as_str()),
-        Some("fresh"),
-        "{seen:?}"
-    );
-    println!("staleness transitions (staleness, age_ms, last seen): {seen:?}");
+    // The first answer is fresh, unless the test stalled past `fresh`
+    // between filling the cache and that answer.
+    let first_within = first_answer_at.map(|t| t - cached_from);
+    if first_within.is_some_and(|d| d <= Duration::from_millis(FRESH)) {
+        assert_eq!(
+            seen.first().map(|(s, _, _)| s.as_str()),
+            Some("fresh"),
+            "{seen:?}"
+        );
+    }
+    println!("staleness transitions (staleness, age_ms, last asked at): {seen:?}");
 
     // Too old and no static value: a failure, not an ancient answer.
     let r = gate.invoke("lookup_bare", &params).await;
@@ -1429,8 +1442,10 @@ async fn a_reload_with_warnings_is_applied_and_logs_each_warning() {
     )
     .await;
     assert_eq!(applied["warnings"][0]["code"], "empty-file", "{applied}");
+    // Both lines are polled for: the thread copying stderr may have the
+    // first and not yet the second.
     let logs = until(
-        "the warning is logged",
+        "the warning and the reload are logged",
         Duration::from_secs(5),
         Duration::from_millis(20),
         || async {
@@ -1439,18 +1454,14 @@ async fn a_reload_with_warnings_is_applied_and_logs_each_warning() {
                 .lines()
                 .find(|l| l.contains("policy warning") && l.contains("later.yaml"))
                 .map(str::to_owned);
-            line.ok_or(logs)
+            let reloaded = logs
+                .lines()
+                .any(|l| l.contains("policies reloaded") && l.contains("warnings=1"));
+            line.filter(|_| reloaded).ok_or(logs)
         },
     )
     .await;
     assert!(logs.contains("file is empty"), "{logs}");
-    assert!(
-        gate.logs()
-            .lines()
-            .any(|l| l.contains("policies reloaded") && l.contains("warnings=1")),
-        "{}",
-        gate.logs()
-    );
     let ok = gate
         .invoke("lookup", &json!({ "domain": "acme.com" }))
         .await;

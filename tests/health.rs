@@ -129,7 +129,7 @@ const STRICT: &str = "operations:
     upstream: clay
     request: { method: GET, path: /v1/strict }
     retry: { max_attempts: 1 }
-    breaker: { volume_threshold: 2, error_threshold_percentage: 50, reset_timeout: 200ms }
+    breaker: { volume_threshold: 2, error_threshold_percentage: 50, reset_timeout: 2s }
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +185,8 @@ async fn an_open_breaker_without_fallback_is_unhealthy_until_the_upstream_recove
     assert_eq!(strict["output"], why.as_str());
 
     // The upstream recovers: calls find out (a trial after the reset
-    // timeout), and health follows them back to healthy.
+    // timeout, 2 s so that a stall above cannot turn the fail-fast call
+    // into the trial), and health follows them back to healthy.
     fake.always(Behavior::ok(r#"{"ok":true}"#));
     let body = until_health(
         &server,

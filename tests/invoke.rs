@@ -44,12 +44,13 @@ operations:
     upstream: clay
     request: { method: POST, path: /v1/strict, body: { id: \"{{ params.id }}\" } }
     params_schema: { type: object, required: [id], properties: { id: { type: string } } }
+    timeout: 10s
     retry: { max_attempts: 1 }
     idempotency: { key: [id], on_concurrent: reject }
   narrow:
     upstream: tight
     request: { method: GET, path: /v1/narrow }
-    timeout: 1s
+    timeout: 3s
     retry: { max_attempts: 1 }
   ranked:
     upstream: ranked
@@ -331,7 +332,9 @@ async fn idempotency_in_flight_replay_and_conflict() {
         status: 200,
         headers: Vec::new(),
         body: r#"{"id":"a","created":true}"#.into(),
-        delay: Duration::from_millis(400),
+        // Long enough that a stalled test still sends the duplicate
+        // while this call is in flight.
+        delay: Duration::from_secs(3),
     }]);
     let first = {
         let client = server.client.clone();

@@ -60,7 +60,7 @@ const LOOKUP: &str = "  lookup:
     upstream: clay
     request: { method: GET, path: \"/v1/companies/{{ params.domain }}\", query: { fields: \"name,size\" } }
     params_schema: { type: object, properties: { domain: { type: string } } }
-    timeout: 300ms
+    timeout: 2s
     retry: { max_attempts: 3, backoff: { initial: 10ms, max: 20ms, jitter: none }, on: [connect_error, timeout, 503, 429] }
     breaker: { volume_threshold: 4, error_threshold_percentage: 50, reset_timeout: 30s }
 ";
@@ -128,10 +128,7 @@ async fn retryable_statuses_are_retried_and_others_are_not() {
 async fn a_retry_after_past_the_deadline_fails_at_once() {
     let fake = FakeUpstream::start().await;
     fake.then([Behavior::status(429, "slow down").with_header("retry-after", "30")]);
-    let ops = LOOKUP.replace(
-        "    timeout: 300ms\n",
-        "    timeout: 300ms\n    deadline: 2s\n",
-    );
+    let ops = LOOKUP.replace("    timeout: 2s\n", "    timeout: 2s\n    deadline: 5s\n");
     let c = build(&set(&fake.url(), &ops), None);
     let started = std::time::Instant::now();
     let out = c.operations["lookup"]
@@ -141,7 +138,7 @@ async fn a_retry_after_past_the_deadline_fails_at_once() {
     assert_eq!(out.attempts, 1);
     // It did not sleep 30s, nor until the deadline.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
@@ -151,7 +148,8 @@ async fn a_retry_after_past_the_deadline_fails_at_once() {
 async fn a_hanging_upstream_times_out_per_attempt_then_hits_the_deadline() {
     let fake = FakeUpstream::start().await;
     fake.always(Behavior::Hang);
-    let c = build(&set(&fake.url(), LOOKUP), None);
+    let short = LOOKUP.replace("    timeout: 2s\n", "    timeout: 300ms\n");
+    let c = build(&set(&fake.url(), &short), None);
     let out = c.operations["lookup"]
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
@@ -159,7 +157,7 @@ async fn a_hanging_upstream_times_out_per_attempt_then_hits_the_deadline() {
     assert_eq!(out.attempts, 3);
 
     let ops = LOOKUP.replace(
-        "    timeout: 300ms\n",
+        "    timeout: 2s\n",
         "    timeout: 300ms\n    deadline: 450ms\n",
     );
     let c = build(&set(&fake.url(), &ops), None);
@@ -167,7 +165,9 @@ async fn a_hanging_upstream_times_out_per_attempt_then_hits_the_deadline() {
         .call(&invoke(json!({"domain": "a.com"})))
         .await;
     assert_eq!(code(&out), Some("deadline_exceeded"));
-    assert_eq!(out.attempts, 2);
+    // Two on real time; one when a stall lets both timers run out before
+    // the next poll (the paused-clock test in tests/invoke.rs is exact).
+    assert!((1..=2).contains(&out.attempts), "{}", out.attempts);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +249,7 @@ async fn the_breaker_opens_and_then_spares_the_upstream() {
 async fn a_full_bulkhead_rejects_and_cancellation_leaks_nothing() {
     let fake = FakeUpstream::start().await;
     fake.always(Behavior::Hang);
-    let ops = LOOKUP.replace("timeout: 300ms", "timeout: 30s");
+    let ops = LOOKUP.replace("timeout: 2s", "timeout: 30s");
     let c = Arc::new(build(&set(&fake.url(), &ops), None));
     // `normal` has one slot and no queue: a hanging call takes it.
     let holder = {

@@ -592,7 +592,8 @@ async fn calls_in_flight_finish_when_their_operation_is_removed() {
         status: 200,
         headers: Vec::new(),
         body: "{\"done\":true}".into(),
-        delay: Duration::from_secs(3),
+        // Longer than the watcher's reload can take on a loaded machine.
+        delay: Duration::from_secs(6),
     });
     let url = server.url("/v1/operations/slow/invoke");
     let in_flight: Vec<_> = (1..=4)
@@ -1208,8 +1209,9 @@ timeouts: {{ connect: 1s, request: 10s }}
         body: "{}".into(),
         delay: Duration::from_secs(secs),
     };
-    // Two calls hold both permits: one for 1s, one for 4s.
-    fake.then([slow(1), slow(4)]);
+    // Two calls hold both permits: one for 3s, one for 8s (seconds, so a
+    // stall of the test cannot end the first before the checks below).
+    fake.then([slow(3), slow(8)]);
     let url = server.url("/v1/operations/lookup/invoke");
     let spawn = || {
         let request = server.client.post(&url).json(&json!({}));
@@ -1279,7 +1281,7 @@ timeouts: {{ connect: 1s, request: 10s }}
     assert_eq!(status, 200);
     assert!(
         first_done < second_done,
-        "the 1s call ends before the 4s one"
+        "the 3s call ends before the 8s one"
     );
     assert_eq!(fake.hits(), 3);
     let done = normal();
